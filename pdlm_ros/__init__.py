@@ -1,0 +1,17 @@
+"""pdlm_ros: describe every region of a camera frame in one parallel denoising pass of PerceptionDLM.
+
+The core (model, decoding, data, evaluation) never imports rclpy; `pdlm_ros.ros` holds the ROS layer.
+"""
+
+from pdlm_ros.types import FrameResult, FrameStats, RegionCaption, RegionInput
+
+__all__ = ["FrameResult", "FrameStats", "RegionCaption", "RegionInput", "Captioner"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: importing the package must not import torch
+    if name == "Captioner":
+        from pdlm_ros.captioner import Captioner
+
+        return Captioner
+    raise AttributeError(name)
