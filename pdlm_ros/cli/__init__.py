@@ -15,6 +15,7 @@ __all__ = ["main"]
 # (subcommand, module, one-line help). Modules are imported only when their subcommand runs, so
 # `pdlm-ros --help` stays fast and a missing optional dependency only affects its own subcommand.
 COMMANDS: list[tuple[str, str, str]] = [
+    ("demo", "demo", "make a sample bag and replay it with the bundled model (what `make demo` runs)"),
     ("caption", "caption", "caption the regions of one image"),
     ("train", "train", "train a PerceptionDLM on generated multi-region scenes"),
     ("eval", "evaluate", "score captions ParaDLC-style on a held-out generated set"),
