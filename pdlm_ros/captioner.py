@@ -1,0 +1,202 @@
+"""`Captioner`: image + regions in, one caption per region out. The public entry point of the core.
+
+Decoding modes (all share one model and one sampler):
+- `parallel` (default): the frame's prefix K/V computed once, then every region's span decoded in one denoising pass;
+- `threshold`: the same, committing every position whose confidence passes `threshold` (fewer forwards);
+- `sequential`: one region per pass (TPF = 1), with the prefix cache; the cost of a one-region-at-a-time captioner;
+- `sequential_nocache`, `parallel_nocache`: the whole packed sequence recomputed at every step (the published
+  baselines; same captions, more work);
+- `nomask`: the structured mask switched off (every token sees every token): an ablation that shows what the mask buys.
+
+Region rules: a refused region (empty mask, NaN box, box outside the image, ...) gets an error in its result and the
+others are still captioned. More regions than `max_regions` are processed in further passes of at most `max_regions`
+each: with isolated regions this gives exactly the same captions, and NFE adds up. No region is ever dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from pdlm_ros.errors import CheckpointError, ConfigError
+from pdlm_ros.model.checkpoint import load_pretrained
+from pdlm_ros.model.config import PDLMConfig
+from pdlm_ros.model.config import preset as get_preset
+from pdlm_ros.model.image import to_rgb_uint8
+from pdlm_ros.model.pdlm import PerceptionDLM
+from pdlm_ros.model.regions import PreparedRegion, prepare_regions
+from pdlm_ros.model.sampler import diffusion_decode
+from pdlm_ros.model.tokenizer import build_tiny_tokenizer
+from pdlm_ros.types import FrameResult, FrameStats, RegionCaption, RegionInput
+
+__all__ = ["Captioner", "DEFAULT_CHECKPOINT", "MODES"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "default"
+MODES = ("parallel", "threshold", "sequential", "sequential_nocache", "parallel_nocache", "nomask")
+
+
+class Captioner:
+    def __init__(self, model: PerceptionDLM, tokenizer: Tokenizer | None, *, name: str | None = None,
+                 attn_impl: str = "shared_prefix") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or model.cfg.name
+        self.attn_impl = attn_impl
+
+    @property
+    def config(self) -> PDLMConfig:
+        return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @classmethod
+    def load(cls, checkpoint: str | Path | None = None, *, preset: str | None = None, device: str = "cpu",
+             seed: int = 0, dtype: torch.dtype | None = None, attn_impl: str | None = None) -> "Captioner":
+        """A checkpoint directory, a randomly initialised preset, or (neither given) the bundled default model."""
+        if checkpoint is not None and preset is not None:
+            raise ConfigError("give a checkpoint or a preset, not both")
+        if attn_impl is None:
+            attn_impl = "triton" if str(device).startswith("cuda") and _triton_ready() else "shared_prefix"
+        if preset is not None:
+            cfg = get_preset(preset)
+            tokenizer = build_tiny_tokenizer() if cfg.decoder.vocab_size == build_tiny_tokenizer().get_vocab_size() else None
+            prompt_ids = (tokenizer.encode(cfg.prompt, add_special_tokens=False).ids if tokenizer is not None
+                          else [i % cfg.decoder.vocab_size for i in range(100, 132)])  # random 8b: no tokenizer
+            torch.manual_seed(seed)
+            model = PerceptionDLM(cfg, prompt_ids).to(device=device, dtype=dtype)
+            return cls(model, tokenizer, name=f"{cfg.name} (random init, seed {seed})", attn_impl=attn_impl)
+        path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        if checkpoint is None and not (path / "model.safetensors").is_file():
+            raise CheckpointError(f"the bundled default model is missing ({path}); reinstall the package, train one "
+                                  "with `pdlm-ros train`, or pass preset='tiny' for a random model")
+        model, tokenizer = load_pretrained(path, device=device, dtype=dtype)
+        return cls(model, tokenizer, attn_impl=attn_impl)
+
+    # -------------------------------------------------------------------------------------------------------------
+    def caption(self, image: object, regions: Sequence[RegionInput], *, mode: str = "parallel",
+                steps: int | None = None, threshold: float | None = None, temperature: float | None = None,
+                seed: int | None = None) -> FrameResult:
+        if mode not in MODES:
+            raise ConfigError(f"unknown decoding mode {mode!r}; choose one of {', '.join(MODES)}")
+        dec = self.config.decoding
+        steps = dec.steps if steps is None else steps
+        if not 1 <= steps <= dec.caption_len:
+            raise ConfigError(f"steps must be in 1..{dec.caption_len} (got {steps})")
+        temperature = dec.temperature if temperature is None else temperature
+        if mode == "threshold":
+            threshold = dec.threshold if threshold is None else threshold
+        elif threshold is not None:
+            raise ConfigError(f"threshold is only used in threshold mode (mode is {mode!r})")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        t_start = time.perf_counter()
+        rgb = to_rgb_uint8(image)
+        h, w = rgb.shape[:2]
+        prepared, errors = prepare_regions(regions, w, h)
+        for i, msg in errors.items():
+            log.warning("region %d refused: %s", i, msg)
+        timings: dict[str, float] = {}
+        decoded: dict[int, tuple[str, float]] = {}
+        nfe = tokens = 0
+        if prepared:
+            with torch.inference_mode():
+                mark = self._clock()
+                frame = self.model.encode_frame(rgb)
+                timings["vision"], mark = self._lap(mark)
+                roi = self.model.roi_tokens(frame, prepared)
+                timings["roi"], mark = self._lap(mark)
+                cache = None
+                if mode in ("parallel", "threshold", "sequential"):
+                    cache = self.model.prefix_cache(frame)
+                    timings["prefix"], mark = self._lap(mark)
+                chunk = 1 if mode.startswith("sequential") else self.config.region.max_regions
+                for start in range(0, len(prepared), chunk):
+                    part = prepared[start:start + chunk]
+                    r = roi[start:start + chunk]
+                    result = diffusion_decode(self._logits_fn(mode, frame.prefix, r, cache), len(part),
+                                              dec.caption_len, self.config.mask_token_id, steps=steps,
+                                              temperature=temperature, threshold=threshold, generator=generator,
+                                              device=self.device)
+                    nfe += result.nfe
+                    tokens += result.tokens_committed
+                    for j, reg in enumerate(part):
+                        decoded[reg.index] = self._text(result.tokens[j], result.confidence[j])
+                timings["decode"], mark = self._lap(mark)
+        timings["total"] = (time.perf_counter() - t_start) * 1000.0
+        return FrameResult(self._results(regions, prepared, errors, decoded),
+                           FrameStats(nfe=nfe, tokens=tokens, tpf=tokens / nfe if nfe else 0.0, latency_ms=timings),
+                           self.name)
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def _logits_fn(self, mode: str, prefix: torch.Tensor, roi: torch.Tensor, cache):  # noqa: ANN001
+        model = self.model
+        if cache is not None:
+            return lambda toks, act: model.region_logits(roi[act], toks, cache, self.attn_impl)
+        structured = mode != "nomask"
+        if mode == "nomask":
+            # Without the mask, regions see each other, so every span stays in the sequence until all are done.
+            def fn(toks: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+                if act.numel() != roi.shape[0]:
+                    raise RuntimeError("nomask decoding needs every span in every forward")
+                return model.dense_logits(prefix, roi, toks, structured=False)
+            return fn
+        return lambda toks, act: model.dense_logits(prefix, roi[act], toks, structured=structured)
+
+    def _text(self, ids: torch.Tensor, conf: torch.Tensor) -> tuple[str, float]:
+        ids_l = ids.tolist()
+        eos = self.config.eos_token_id
+        end = ids_l.index(eos) if eos in ids_l else len(ids_l)
+        confidence = float(conf[: min(end + 1, len(ids_l))].mean())
+        body = ids_l[:end]
+        if self.tokenizer is None:
+            return " ".join(str(i) for i in body), confidence
+        return self.tokenizer.decode(body, skip_special_tokens=True).strip(), confidence
+
+    @staticmethod
+    def _results(regions: Sequence[RegionInput], prepared: list[PreparedRegion], errors: dict[int, str],
+                 decoded: dict[int, tuple[str, float]]) -> list[RegionCaption]:
+        boxes = {p.index: p.box for p in prepared}
+        out = []
+        for i, reg in enumerate(regions):
+            box = boxes.get(i) or (tuple(float(v) for v in reg.box) if _box_like(reg.box) else (math.nan,) * 4)
+            text, conf = decoded.get(i, ("", 0.0))
+            out.append(RegionCaption(index=i, region_id=reg.region_id, box=box, caption=text, confidence=conf,
+                                     source_index=reg.source_index if reg.source_index >= 0 else i,
+                                     class_id=reg.class_id, score=reg.score, error=errors.get(i, "")))
+        return out
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _lap(self, mark: float) -> tuple[float, float]:
+        now = self._clock()
+        return (now - mark) * 1000.0, now
+
+
+def _box_like(box: object) -> bool:
+    try:
+        return box is not None and len(box) == 4 and all(isinstance(float(v), float) for v in box)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def _triton_ready() -> bool:
+    try:
+        from pdlm_ros.runtime.triton_attention import register
+
+        return register()
+    except ImportError:
+        return False

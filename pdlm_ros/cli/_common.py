@@ -1,0 +1,45 @@
+"""Options shared by several subcommands, declared once, and the one JSON/human output rule.
+
+`--json` bare writes the JSON document to stdout; `--json PATH` writes it to a file. Logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+__all__ = ["add_model_options", "add_json_option", "emit_json", "load_captioner", "setup_logging"]
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="DIR", help="PerceptionDLM checkpoint directory (default: the bundled model)")
+    p.add_argument("--preset", choices=["tiny", "small", "8b"], help="use a randomly initialised preset instead")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+
+
+def add_json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="write JSON (bare: to stdout; with FILE: to that file)")
+
+
+def emit_json(doc: Any, target: str) -> None:
+    text = json.dumps(doc, indent=2)
+    if target == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        with open(target, "w") as f:
+            f.write(text + "\n")
+
+
+def load_captioner(args: argparse.Namespace):  # noqa: ANN201
+    from pdlm_ros.captioner import Captioner
+
+    return Captioner.load(args.checkpoint, preset=args.preset, device=args.device)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")

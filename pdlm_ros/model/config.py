@@ -1,0 +1,237 @@
+"""PerceptionDLM configuration: one frozen dataclass per part, composed into `PDLMConfig`, plus named presets.
+
+Presets:
+- `tiny`: a few-MB model that runs a frame in well under a second on a CPU; the bundled default is trained at this
+  shape, and the tests use it.
+- `small`: between tiny and 8b, with a prefix (visual + prompt tokens) long compared with a region's tokens, as in the
+  real model; used by the CPU benchmark.
+- `8b`: the real shape: SigLIP-2 so400m/14 at 384 px (a 27x27 patch grid) + LLaDA-8B (d 4096, 32 layers).
+
+JSON loading rejects unknown keys with a "did you mean" hint instead of silently keeping a misspelt field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdlm_ros.errors import ConfigError
+
+__all__ = [
+    "VisionConfig",
+    "DecoderConfig",
+    "RegionConfig",
+    "DecodingConfig",
+    "PDLMConfig",
+    "PRESETS",
+    "preset",
+]
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    kind: str = "siglip"  # "siglip": fixed-resolution SiglipVisionModel; "siglip2": NaFlex Siglip2VisionModel
+    image_size: int = 384  # tile side in pixels
+    patch_size: int = 14
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    layer_norm_eps: float = 1e-6
+    feature_layer: int = -2  # index into hidden_states; -2 = penultimate layer, as LLaVA-OneVision / LLaDA-V
+    max_tiles: int = 4  # dynamic-resolution tiles (plus one thumbnail when there is more than one tile)
+    unshuffle: int = 2  # pixel unshuffle factor: 2x2 patches -> one token of 4x the channels
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    num_patches: int = 256  # siglip2 only: size of the learned position-embedding grid (16x16), resized per tile
+
+    @property
+    def grid(self) -> int:
+        """Patches per tile side (27 for so400m/14 at 384 px)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_view(self) -> int:
+        """Visual tokens per view after the unshuffle (odd grids are padded up to a multiple of the factor)."""
+        g = -(-self.grid // self.unshuffle)
+        return g * g
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """LLaDA decoder (OLMo-style field names, as in LLaDA-8B-Instruct's config.json)."""
+
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    mlp_hidden_size: int = 12288  # SwiGLU hidden width (ff_proj / up_proj output)
+    vocab_size: int = 126464
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    max_sequence_length: int = 4096
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    roi_grid: int = 8  # bilinear RoI samples per box side
+    roi_merge: int = 2  # samples merged per RoI token side: R = (roi_grid / roi_merge)^2 tokens per region
+    roi_context: float = 0.1  # box enlarged by this fraction of its size on each side before sampling
+    roi_pixels: bool = True  # also sample RGB and the region mask at full image resolution (DAM/GAR-style mask cue)
+    max_regions: int = 16  # regions per denoising pass; more are processed in further passes (never dropped)
+
+    @property
+    def tokens(self) -> int:
+        return (self.roi_grid // self.roi_merge) ** 2
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    caption_len: int = 32  # L: masked tokens per region span
+    steps: int = 32  # S: denoising steps; S = L commits one token per span per step
+    threshold: float = 0.9  # confidence threshold of the threshold mode
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True)
+class PDLMConfig:
+    name: str = "perception-dlm"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    region: RegionConfig = field(default_factory=RegionConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    # Shared prompt after the visual tokens. Every region is described against the same prompt; the region itself
+    # is given by its RoI tokens, so the prompt carries no region index.
+    prompt: str = (
+        "<|start_header_id|>user<|end_header_id|>\n\nDescribe the masked region in detail.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+    def __post_init__(self) -> None:
+        v, d, r, s = self.vision, self.decoder, self.region, self.decoding
+        if d.d_model % d.n_heads:
+            raise ConfigError(f"decoder.d_model must be divisible by n_heads (got {d.d_model} and {d.n_heads})")
+        if d.head_dim % 2:
+            raise ConfigError(f"decoder head_dim must be even for RoPE (got {d.head_dim})")
+        if v.image_size % v.patch_size:
+            raise ConfigError(f"vision.image_size must be a multiple of patch_size (got {v.image_size}, {v.patch_size})")
+        if r.roi_grid % r.roi_merge:
+            raise ConfigError(f"region.roi_grid must be a multiple of roi_merge (got {r.roi_grid}, {r.roi_merge})")
+        if not 1 <= s.steps <= s.caption_len:
+            raise ConfigError(f"decoding.steps must be in 1..caption_len={s.caption_len} (got {s.steps})")
+        for name, tok in (("mask_token_id", self.mask_token_id), ("eos_token_id", self.eos_token_id)):
+            if not 0 <= tok < d.vocab_size:
+                raise ConfigError(f"{name}={tok} is outside the vocabulary (size {d.vocab_size})")
+        if v.kind not in ("siglip", "siglip2"):
+            raise ConfigError(f"vision.kind must be 'siglip' or 'siglip2' (got {v.kind!r})")
+        if r.max_regions < 1:
+            raise ConfigError(f"region.max_regions must be >= 1 (got {r.max_regions})")
+
+    # -- (de)serialisation ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PDLMConfig":
+        return _build(cls, data, "config")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "PDLMConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "PDLMConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_NESTED = {"vision": VisionConfig, "decoder": DecoderConfig, "region": RegionConfig, "decoding": DecodingConfig}
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(hints)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        sub = _NESTED.get(key) if cls is PDLMConfig else None
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key} must be an object, got {value!r}")
+            value = _build(sub, value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _tiny() -> PDLMConfig:
+    # Vocabulary and special ids match the word-level tokenizer built by pdlm_ros.model.tokenizer.
+    from pdlm_ros.model.tokenizer import TINY_SPECIAL_TOKENS, tiny_vocab_size
+
+    return PDLMConfig(
+        name="pdlm-tiny",
+        vision=VisionConfig(image_size=64, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, feature_layer=-1, max_tiles=2),
+        decoder=DecoderConfig(d_model=160, n_layers=4, n_heads=4, mlp_hidden_size=432, vocab_size=tiny_vocab_size(),
+                              rope_theta=10000.0, max_sequence_length=1024),
+        region=RegionConfig(roi_grid=16, roi_merge=4, roi_context=0.15, max_regions=8),
+        decoding=DecodingConfig(caption_len=32, steps=32, threshold=0.9),
+        mask_token_id=TINY_SPECIAL_TOKENS.index("<|mdm_mask|>"),
+        eos_token_id=TINY_SPECIAL_TOKENS.index("<|endoftext|>"),
+        prompt="describe the region .",
+    )
+
+
+def _small() -> PDLMConfig:
+    from pdlm_ros.model.tokenizer import TINY_SPECIAL_TOKENS, tiny_vocab_size
+
+    return PDLMConfig(
+        name="pdlm-small",
+        vision=VisionConfig(image_size=224, patch_size=14, hidden_size=256, intermediate_size=1024,
+                            num_hidden_layers=4, num_attention_heads=4, max_tiles=4),
+        decoder=DecoderConfig(d_model=512, n_layers=8, n_heads=8, mlp_hidden_size=1536, vocab_size=tiny_vocab_size(),
+                              rope_theta=10000.0, max_sequence_length=2048),
+        region=RegionConfig(roi_grid=8, roi_merge=2, max_regions=16),
+        decoding=DecodingConfig(caption_len=32, steps=32, threshold=0.9),
+        mask_token_id=TINY_SPECIAL_TOKENS.index("<|mdm_mask|>"),
+        eos_token_id=TINY_SPECIAL_TOKENS.index("<|endoftext|>"),
+        prompt="describe the region .",
+    )
+
+
+def _8b() -> PDLMConfig:
+    return PDLMConfig(name="pdlm-8b")  # the defaults are the real shape
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "8b": _8b}
+
+
+def preset(name: str) -> PDLMConfig:
+    """A named configuration: "tiny", "small" or "8b"."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

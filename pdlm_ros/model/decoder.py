@@ -1,0 +1,151 @@
+"""LLaDA decoder: RMSNorm, RoPE, SwiGLU, no biases, bidirectional attention.
+
+Parameter names follow LLaDA-8B-Instruct's checkpoint (`wte`, `blocks.N.{q_proj,k_proj,v_proj,attn_out,ff_proj,
+up_proj,ff_out,attn_norm,ff_norm}`, `ln_f`, untied `ff_out` head) so loading is a prefix strip, not a rename table.
+
+Three ways to run it, one set of weights:
+- `forward_prefix`: the prefix alone (it never sees region tokens), returning per-layer K/V for the cache;
+- `forward_regions`: N region blocks against a cached prefix (the fast path, exact by construction);
+- `forward_dense`: one packed sequence with an explicit (T, T) mask (the reference, and the no-cache/no-mask modes).
+Dims: N regions, S tokens per region block, P prefix tokens, T packed tokens, H heads, D head dim, C = d_model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pdlm_ros.model.attention import dense_attention, region_attention
+from pdlm_ros.model.config import DecoderConfig
+
+__all__ = ["RMSNorm", "RotaryEmbedding", "LLaDABlock", "LLaDADecoder", "PrefixCache"]
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32 as LLaDA does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with split-halves rotate_half (LLaDA and Llama agree, so no q/k permutation on import)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (..., T, D); rotation in fp32 (`rope_full_precision`)."""
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (xf * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class PrefixCache:
+    """Per-layer keys/values of the prefix, after RoPE. keys[i], values[i]: (H, P, D)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+
+class LLaDABlock(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        c, f = cfg.d_model, cfg.mlp_hidden_size
+        self.n_heads = cfg.n_heads
+        self.attn_norm = RMSNorm(c, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(c, c, bias=False)
+        self.k_proj = nn.Linear(c, c, bias=False)
+        self.v_proj = nn.Linear(c, c, bias=False)
+        self.attn_out = nn.Linear(c, c, bias=False)
+        self.ff_norm = RMSNorm(c, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(c, f, bias=False)  # SwiGLU gate
+        self.up_proj = nn.Linear(c, f, bias=False)
+        self.ff_out = nn.Linear(f, c, bias=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, T, C) -> q, k, v (B, H, T, D) with RoPE applied to q and k."""
+        b, t, c = x.shape
+        h = self.attn_norm(x)
+        q, k, v = (proj(h).view(b, t, self.n_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin), v
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residuals around attention (attn (B, H, T, D)) and the SwiGLU MLP."""
+        b, _, t, _ = attn.shape
+        x = x + self.attn_out(attn.transpose(1, 2).reshape(b, t, -1))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class LLaDADecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.ff_out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied LM head
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ff_out(self.ln_f(hidden))
+
+    def forward_prefix(self, x: torch.Tensor) -> PrefixCache:
+        """x (P, C) prefix embeddings at positions 0..P-1 -> per-layer K/V. The prefix sees itself only."""
+        pos = torch.arange(x.shape[0], device=x.device)
+        cos, sin = self.rope.cos_sin(pos)
+        h = x.unsqueeze(0)
+        keys, values = [], []
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.qkv(h, cos, sin)  # (1, H, P, D)
+            keys.append(k[0])
+            values.append(v[0])
+            if i < last:  # the last layer's output is never read: only its K/V are
+                h = block.finish(h, F.scaled_dot_product_attention(q, k, v))
+        return PrefixCache(keys, values)
+
+    def forward_regions(self, x: torch.Tensor, cache: PrefixCache, attn_impl: str = "shared_prefix") -> torch.Tensor:
+        """x (N, S, C) region blocks; every block takes positions P..P+S-1 (order-free). -> hidden (N, S, C)."""
+        p = cache.length
+        pos = torch.arange(p, p + x.shape[1], device=x.device)
+        cos, sin = self.rope.cos_sin(pos)
+        h = x
+        for block, pk, pv in zip(self.blocks, cache.keys, cache.values):
+            q, k, v = block.qkv(h, cos, sin)  # (N, H, S, D)
+            h = block.finish(h, region_attention(q, k, v, pk, pv, impl=attn_impl))
+        return h
+
+    def forward_dense(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (T, C) packed sequence, positions (T,), mask (T, T) bool -> hidden (T, C)."""
+        cos, sin = self.rope.cos_sin(positions)
+        h = x.unsqueeze(0)
+        for block in self.blocks:
+            q, k, v = block.qkv(h, cos, sin)  # (1, H, T, D)
+            h = block.finish(h, dense_attention(q[0], k[0], v[0], mask).unsqueeze(0))
+        return h[0]

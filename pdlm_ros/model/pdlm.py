@@ -1,0 +1,98 @@
+"""PerceptionDLM: the whole model, composed from its parts.
+
+Sequence layout (DESIGN.md): prefix = [visual tokens of every view][shared prompt tokens] at positions 0..P-1; then per
+region k a block [R RoI tokens][L caption tokens] at positions P..P+R+L-1, the same for every region.
+Attention: the prefix sees the prefix; region k sees the prefix and region k. So the prefix K/V are computed once
+per frame and every denoising step runs only the N x (R + L) region tokens.
+
+Dims: N regions, R RoI tokens, L caption tokens, P prefix tokens, C decoder width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pdlm_ros.model.attention import segment_mask
+from pdlm_ros.model.config import PDLMConfig
+from pdlm_ros.model.decoder import LLaDADecoder, PrefixCache
+from pdlm_ros.model.regions import PreparedRegion, RegionEncoder
+from pdlm_ros.model.vision import Connector, VisionTower, make_views, pixel_unshuffle, stitch_tiles
+
+__all__ = ["PerceptionDLM", "EncodedFrame"]
+
+
+@dataclass
+class EncodedFrame:
+    visual_tokens: torch.Tensor  # (Pv, C) connector output of every view
+    feature_map: torch.Tensor  # (Hf, Wf, Cv) stitched tile features for RoI replay
+    image: torch.Tensor  # (H, W, 3) uint8, on the CPU, the source frame for pixel replay
+    prefix: torch.Tensor  # (P, C) visual tokens + prompt embeddings
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+
+class PerceptionDLM(nn.Module):
+    def __init__(self, cfg: PDLMConfig, prompt_ids: Sequence[int] = ()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        v, d = cfg.vision, cfg.decoder
+        self.vision = VisionTower(v)
+        self.connector = Connector(v.unshuffle ** 2 * v.hidden_size, d.d_model)
+        self.decoder = LLaDADecoder(d)
+        self.region = RegionEncoder(cfg.region, v.hidden_size, d.d_model)
+        self.register_buffer("prompt_ids", torch.tensor(list(prompt_ids), dtype=torch.long), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.wte.weight.device
+
+    # -- frame ------------------------------------------------------------------------------------------------------
+    def encode_frame(self, rgb: np.ndarray) -> EncodedFrame:
+        """rgb (H, W, 3) uint8 -> visual tokens, RoI feature map and prefix embeddings."""
+        views = make_views(rgb, self.cfg.vision)
+        dtype = self.decoder.wte.weight.dtype
+        feats = self.vision(views.pixels.to(self.device, dtype))  # (V, g, g, Cv)
+        visual = self.connector(pixel_unshuffle(feats, self.cfg.vision.unshuffle)).flatten(0, 1)  # (Pv, C)
+        prompt = self.decoder.wte(self.prompt_ids)  # (Pt, C)
+        return EncodedFrame(visual, stitch_tiles(feats, views), torch.from_numpy(rgb), torch.cat([visual, prompt]))
+
+    def prefix_cache(self, frame: EncodedFrame) -> PrefixCache:
+        return self.decoder.forward_prefix(frame.prefix)
+
+    def roi_tokens(self, frame: EncodedFrame, regions: Sequence[PreparedRegion]) -> torch.Tensor:
+        """-> (N, R, C)."""
+        return self.region(frame.feature_map, frame.image, regions)
+
+    # -- one denoising forward -----------------------------------------------------------------------------------------
+    def region_logits(self, roi: torch.Tensor, tokens: torch.Tensor, cache: PrefixCache,
+                      attn_impl: str = "shared_prefix") -> torch.Tensor:
+        """Fast path. roi (N, R, C), tokens (N, L) -> caption logits (N, L, V), against the cached prefix."""
+        x = torch.cat([roi, self.decoder.wte(tokens)], dim=1)  # (N, R+L, C)
+        h = self.decoder.forward_regions(x, cache, attn_impl)
+        return self.decoder.logits(h[:, roi.shape[1]:])
+
+    def dense_logits(self, prefix: torch.Tensor, roi: torch.Tensor, tokens: torch.Tensor,
+                     structured: bool = True) -> torch.Tensor:
+        """Reference path: one packed sequence, everything recomputed. structured=False is the no-mask ablation."""
+        n, r = roi.shape[:2]
+        p, l_ = prefix.shape[0], tokens.shape[1]
+        blocks = torch.cat([roi, self.decoder.wte(tokens)], dim=1)  # (N, R+L, C)
+        x = torch.cat([prefix, blocks.flatten(0, 1)])  # (P + N(R+L), C)
+        dev = prefix.device
+        positions = torch.cat([torch.arange(p, device=dev), torch.arange(p, p + r + l_, device=dev).repeat(n)])
+        segments = torch.cat([torch.zeros(p, dtype=torch.long, device=dev),
+                              torch.arange(1, n + 1, device=dev).repeat_interleave(r + l_)])
+        h = self.decoder.forward_dense(x, positions, segment_mask(segments, structured))
+        h = h[p:].view(n, r + l_, -1)[:, r:]
+        return self.decoder.logits(h)

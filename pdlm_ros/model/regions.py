@@ -1,0 +1,177 @@
+"""Regions: validation of box/mask inputs, RoI-aligned feature replay and the region prompt.
+
+Dims: N regions, G RoI samples per side, m samples merged per token side, R = (G/m)^2 RoI tokens, Cv vision width,
+C decoder width.
+
+Each region's box gives a G x G grid of bilinear sample points (cell centres, the box enlarged by `roi_context`).
+At every point we sample the stitched tile features, the RGB pixels of the full-resolution image and the region mask
+(1 inside, 0 outside; a box-only region is its box), so the replay keeps fine detail that a 2x2-unshuffled feature map
+loses. m x m neighbouring samples are concatenated into one token and projected to the decoder width; a geometry
+embedding (box corners and log pixel sizes) and a learned prompt embedding per RoI-token index are added.
+
+The prompt embedding is indexed by the token's place inside its region, not by the region's place in the request:
+a per-request-slot embedding would make a region's caption depend on which slot it landed in, breaking the order
+independence that the structured mask guarantees (DESIGN.md, consequence 1).
+
+RoI sampling is hand-written (no torchvision here): `grid_sample` for the feature map, a 4-neighbour gather for the
+image and masks so that a large frame is never converted to a float tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pdlm_ros.model.config import RegionConfig
+from pdlm_ros.types import RegionInput
+
+__all__ = ["PreparedRegion", "prepare_regions", "RegionEncoder", "roi_points"]
+
+
+@dataclass(frozen=True)
+class PreparedRegion:
+    index: int  # position in the request
+    box: tuple[float, float, float, float]  # clipped to the image, x2/y2 exclusive
+    mask: np.ndarray | None  # (H, W) bool, or None for a box region
+
+
+def _fmt_box(box: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in box) + ")"
+
+
+def prepare_regions(regions: Sequence[RegionInput], width: int, height: int) -> tuple[list[PreparedRegion], dict[int, str]]:
+    """Validate regions against a width x height image.
+
+    Returns the usable regions and, for every refused one, an error message by request index. Rules: a mask wins
+    over a box and must match the image size and have at least one pixel; a box must have finite coordinates with
+    x1 < x2 and y1 < y2; a box partly outside the image is clipped, one entirely outside is refused.
+    """
+    good: list[PreparedRegion] = []
+    errors: dict[int, str] = {}
+    for i, reg in enumerate(regions):
+        if reg.mask is not None:
+            mask = np.asarray(reg.mask)
+            if mask.shape != (height, width):
+                errors[i] = f"mask shape {mask.shape} does not match the {width}x{height} image (expected {(height, width)})"
+                continue
+            mask = mask.astype(bool, copy=False)
+            ys = np.flatnonzero(mask.any(axis=1))
+            if ys.size == 0:
+                errors[i] = "mask is empty (no pixel set)"
+                continue
+            xs = np.flatnonzero(mask.any(axis=0))
+            good.append(PreparedRegion(i, (float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)), mask))
+            continue
+        if reg.box is None:
+            errors[i] = "region has neither a box nor a mask"
+            continue
+        try:
+            x1, y1, x2, y2 = (float(v) for v in reg.box)
+        except (TypeError, ValueError):
+            errors[i] = f"box must be four numbers x1, y1, x2, y2; got {reg.box!r}"
+            continue
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            errors[i] = f"box has non-finite coordinates {_fmt_box((x1, y1, x2, y2))}"
+            continue
+        if x2 <= x1 or y2 <= y1:
+            errors[i] = f"box {_fmt_box((x1, y1, x2, y2))} has zero or negative area (need x1 < x2 and y1 < y2)"
+            continue
+        cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
+        if cx2 <= cx1 or cy2 <= cy1:
+            errors[i] = f"box {_fmt_box((x1, y1, x2, y2))} lies outside the {width}x{height} image"
+            continue
+        good.append(PreparedRegion(i, (cx1, cy1, cx2, cy2), None))
+    return good, errors
+
+
+def roi_points(box: tuple[float, float, float, float], grid: int, context: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample-point coordinates (G,) along x and y, in pixels (pixel centres at i + 0.5)."""
+    x1, y1, x2, y2 = box
+    bw, bh = x2 - x1, y2 - y1
+    x1, x2 = x1 - context * bw, x2 + context * bw
+    y1, y2 = y1 - context * bh, y2 + context * bh
+    t = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    return x1 + t * (x2 - x1), y1 + t * (y2 - y1)
+
+
+def _gather_bilinear(src: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """src (H, W, Ch) any dtype; xs (G,), ys (G,) pixel coords -> (G, G, Ch) float32, zero outside the image."""
+    h, w = src.shape[:2]
+    fx, fy = xs - 0.5, ys - 0.5
+    x0, y0 = fx.floor().long(), fy.floor().long()
+    ax, ay = (fx - x0).view(1, -1, 1), (fy - y0).view(-1, 1, 1)
+    out = torch.zeros(ys.numel(), xs.numel(), src.shape[2])
+    for dy, wy in ((0, 1 - ay), (1, ay)):
+        for dx, wx in ((0, 1 - ax), (1, ax)):
+            xi, yi = x0 + dx, y0 + dy
+            okx, oky = (xi >= 0) & (xi < w), (yi >= 0) & (yi < h)
+            vals = src[yi.clamp(0, h - 1)][:, xi.clamp(0, w - 1)].float()  # (G, G, Ch)
+            out += vals * (oky.view(-1, 1, 1) & okx.view(1, -1, 1)) * wy * wx
+    return out
+
+
+class RegionEncoder(nn.Module):
+    def __init__(self, cfg: RegionConfig, vision_dim: int, d_model: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.roi_merge
+        channels = vision_dim + 1 + (3 if cfg.roi_pixels else 0)
+        self.roi_proj_1 = nn.Linear(m * m * channels, d_model)
+        self.roi_proj_2 = nn.Linear(d_model, d_model)
+        self.geometry = nn.Linear(7, d_model)
+        self.prompt = nn.Parameter(torch.randn(cfg.tokens, d_model) * 0.02)  # (R, C), shared by all regions
+
+    def sample(self, feature_map: torch.Tensor, image: torch.Tensor, regions: Sequence[PreparedRegion]) -> torch.Tensor:
+        """feature_map (Hf, Wf, Cv), image (H, W, 3) uint8 -> samples (N, G, G, Cv + 1 [+ 3])."""
+        g, ctx = self.cfg.roi_grid, self.cfg.roi_context
+        h, w = image.shape[:2]
+        fmap = feature_map.permute(2, 0, 1).unsqueeze(0)  # (1, Cv, Hf, Wf)
+        grids, extras = [], []
+        for reg in regions:
+            xs, ys = roi_points(reg.box, g, ctx)
+            gx = (xs / w * 2 - 1).view(1, g).expand(g, g)
+            gy = (ys / h * 2 - 1).view(g, 1).expand(g, g)
+            grids.append(torch.stack([gx, gy], dim=-1))
+            if reg.mask is not None:
+                mask = _gather_bilinear(torch.from_numpy(reg.mask).unsqueeze(-1), xs, ys)  # (G, G, 1)
+            else:
+                x1, y1, x2, y2 = reg.box
+                inside = ((ys >= y1) & (ys < y2)).view(g, 1) & ((xs >= x1) & (xs < x2)).view(1, g)
+                mask = inside.float().unsqueeze(-1)
+            parts = [mask * 2 - 1]
+            if self.cfg.roi_pixels:
+                parts.append(_gather_bilinear(image, xs, ys) / 127.5 - 1)
+            extras.append(torch.cat(parts, dim=-1))
+        grid = torch.stack(grids).to(fmap)  # (N, G, G, 2)
+        feats = F.grid_sample(fmap.expand(len(regions), -1, -1, -1), grid, mode="bilinear",
+                              padding_mode="zeros", align_corners=False)  # (N, Cv, G, G)
+        extra = torch.stack(extras).to(feats)
+        return torch.cat([feats.permute(0, 2, 3, 1), extra], dim=-1)
+
+    def geometry_features(self, regions: Sequence[PreparedRegion], width: int, height: int) -> torch.Tensor:
+        rows = []
+        for reg in regions:
+            x1, y1, x2, y2 = reg.box
+            bw, bh = x2 - x1, y2 - y1
+            fill = 1.0
+            if reg.mask is not None:  # share of the box covered by the mask (crop first: frames can be large)
+                fill = float(reg.mask[int(y1):int(y2), int(x1):int(x2)].sum()) / (bw * bh)
+            rows.append([x1 / width, y1 / height, x2 / width, y2 / height,
+                         math.log(max(bw, 1.0)) / 5.0, math.log(max(bh, 1.0)) / 5.0, fill])
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def forward(self, feature_map: torch.Tensor, image: torch.Tensor, regions: Sequence[PreparedRegion]) -> torch.Tensor:
+        """-> RoI tokens (N, R, C), with geometry and the region prompt fused in."""
+        s = self.sample(feature_map, image, regions)  # (N, G, G, Ch)
+        n, g, _, ch = s.shape
+        m = self.cfg.roi_merge
+        s = s.reshape(n, g // m, m, g // m, m, ch).permute(0, 1, 3, 2, 4, 5).reshape(n, (g // m) ** 2, m * m * ch)
+        tokens = self.roi_proj_2(F.gelu(self.roi_proj_1(s)))  # (N, R, C)
+        geo = self.geometry(self.geometry_features(regions, image.shape[1], image.shape[0]).to(tokens))
+        return tokens + geo.unsqueeze(1) + self.prompt.unsqueeze(0)
