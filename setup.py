@@ -14,7 +14,7 @@ setup(
     version="0.1.0",
     description="ROS 2 node that captions every region of a camera frame in one parallel denoising pass",
     packages=find_packages(include=["pdlm_ros", "pdlm_ros.*"]),
-    package_data={"pdlm_ros": ["assets/**/*", "msg/*.msg", "py.typed"]},
+    package_data={"pdlm_ros": ["assets/default/*", "py.typed"]},
     include_package_data=True,
     data_files=[
         ("share/pdlm_ros/launch", glob("launch/*.launch.py")),
@@ -32,7 +32,7 @@ setup(
         "tqdm>=4.60",
         "rich>=13",
         "pyyaml>=6",
-        "rosbags>=0.10.9",
+        "rosbags>=0.11,<0.12",  # bag salvage uses record readers checked against 0.11
         "matplotlib>=3.7",
     ],
     extras_require={

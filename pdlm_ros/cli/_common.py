@@ -17,7 +17,11 @@ __all__ = ["add_model_options", "add_json_option", "emit_json", "load_captioner"
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="DIR", help="PerceptionDLM checkpoint directory (default: the bundled model)")
     p.add_argument("--preset", choices=["tiny", "small", "8b"], help="use a randomly initialised preset instead")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, auto)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                   help="torch (reference), onnxruntime (exported ONNX graphs) or tensorrt (engines)")
+    p.add_argument("--engine-path", metavar="DIR",
+                   help="export directory of `pdlm-ros export` for onnxruntime/tensorrt (default: export on demand)")
 
 
 def add_json_option(p: argparse.ArgumentParser) -> None:
@@ -35,9 +39,10 @@ def emit_json(doc: Any, target: str) -> None:
 
 
 def load_captioner(args: argparse.Namespace):  # noqa: ANN201
-    from pdlm_ros.captioner import Captioner
+    from pdlm_ros.runtime import load_captioner as load_backend
 
-    return Captioner.load(args.checkpoint, preset=args.preset, device=args.device)
+    return load_backend(args.checkpoint, backend=getattr(args, "backend", "torch"),
+                        engine_path=getattr(args, "engine_path", None), preset=args.preset, device=args.device)
 
 
 def setup_logging(verbose: bool = False) -> None:

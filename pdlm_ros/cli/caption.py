@@ -58,8 +58,8 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    image = read_image(args.image)
     regions = [RegionInput(box=parse_box(b)) for b in args.box]
+    image = read_image(args.image)
     for path in args.mask:
         m = read_image(path)
         regions.append(RegionInput(mask=(m if m.ndim == 2 else m[..., :3].max(axis=2)) > 0))

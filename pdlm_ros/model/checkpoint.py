@@ -6,7 +6,8 @@ Formats read:
 - an LLaDA decoder in LLaDA-8B-Instruct naming (`model.transformer.blocks.N.q_proj.weight`, ...) or in the Llama-renamed
   naming used by LLaDA-V (`model.layers.N.self_attn.q_proj.weight`, `lm_head.weight`, ...);
 - SigLIP / SigLIP-2 vision weights in transformers' naming (`vision_model.*`, as saved by SiglipVisionModel or
-  SiglipModel; a LLaVA-style `model.vision_tower.vision_tower.` prefix is accepted). Text-tower and pooling-head keys
+  SiglipModel, with or without the `vision_model.` level; a LLaVA-style `model.vision_tower.vision_tower.` prefix is
+  accepted). Text-tower and pooling-head keys
   of a full SiglipModel are ignored: the model uses patch features, not the pooled embedding.
 Pickle files (.bin, .pt, .pth, .ckpt) are refused: loading them can run arbitrary code.
 """
@@ -140,23 +141,30 @@ def load_decoder_weights(decoder: LLaDADecoder, path: str | Path) -> None:
     decoder.load_state_dict(tensors)
 
 
-def _vision_key(name: str) -> str | None:
-    for prefix in ("model.vision_tower.vision_tower.", "vision_tower.", ""):
-        if name.startswith(prefix + "vision_model."):
-            rest = name[len(prefix):]
-            return None if rest.startswith("vision_model.head.") else "encoder." + rest
-    if name.startswith(("text_model.", "logit_scale", "logit_bias")):
-        return None  # the text tower of a full SiglipModel
-    return name
+def _vision_key(name: str, inner: str) -> str | None:
+    """Map a transformers SigLIP key to the tower's name; None for keys the tower does not use.
+
+    `inner` is the tower's own prefix ("encoder." or "encoder.vision_model.", which depends on the transformers
+    version), so checkpoints saved with or without the `vision_model.` level load either way.
+    """
+    for prefix in ("model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.", "vision_model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    if name.startswith(("text_model.", "logit_scale", "logit_bias", "head.")):
+        return None  # the text tower of a full SiglipModel, and the pooling head the model does not use
+    return inner + name
 
 
 def load_vision_weights(tower: VisionTower, path: str | Path) -> None:
+    expected = tower.state_dict()
+    inner = "encoder.vision_model." if any(k.startswith("encoder.vision_model.") for k in expected) else "encoder."
     tensors = {}
     for k, v in read_safetensors(path).items():
-        key = _vision_key(k)
+        key = _vision_key(k, inner)
         if key is not None:
             tensors[key] = v
-    check_keys(tower.state_dict(), tensors, f"vision checkpoint {path}")
+    check_keys(expected, tensors, f"vision checkpoint {path}")
     tower.load_state_dict(tensors)
 
 

@@ -51,7 +51,7 @@ class VisionConfig:
 
     @property
     def grid(self) -> int:
-        """Patches per tile side (27 for so400m/14 at 384 px)."""
+        """Patches per tile side (27 for so400m/14 at 384 px: the patch conv drops the last 6 pixels)."""
         return self.image_size // self.patch_size
 
     @property
@@ -86,6 +86,13 @@ class RegionConfig:
     roi_context: float = 0.1  # box enlarged by this fraction of its size on each side before sampling
     roi_pixels: bool = True  # also sample RGB and the region mask at full image resolution (DAM/GAR-style mask cue)
     max_regions: int = 16  # regions per denoising pass; more are processed in further passes (never dropped)
+    # A learned embedding per caption slot, added to the caption tokens. Off for LLaDA checkpoints (RoPE only);
+    # on for small models trained from scratch, where identical mask tokens otherwise learn their slot slowly.
+    span_position_embedding: bool = False
+    # Add a projection of the region's mean RoI token to each of its caption tokens, so every caption slot starts
+    # from its own region's content instead of having to find it by attention first. The structured mask is
+    # unaffected (the summary is the region's own). Off for LLaDA checkpoints; on for models trained from scratch.
+    span_region_query: bool = False
 
     @property
     def tokens(self) -> int:
@@ -122,8 +129,8 @@ class PDLMConfig:
             raise ConfigError(f"decoder.d_model must be divisible by n_heads (got {d.d_model} and {d.n_heads})")
         if d.head_dim % 2:
             raise ConfigError(f"decoder head_dim must be even for RoPE (got {d.head_dim})")
-        if v.image_size % v.patch_size:
-            raise ConfigError(f"vision.image_size must be a multiple of patch_size (got {v.image_size}, {v.patch_size})")
+        if v.image_size < v.patch_size:
+            raise ConfigError(f"vision.image_size must be at least one patch (got {v.image_size} < {v.patch_size})")
         if r.roi_grid % r.roi_merge:
             raise ConfigError(f"region.roi_grid must be a multiple of roi_merge (got {r.roi_grid}, {r.roi_merge})")
         if not 1 <= s.steps <= s.caption_len:
@@ -196,7 +203,8 @@ def _tiny() -> PDLMConfig:
                             num_attention_heads=4, feature_layer=-1, max_tiles=2),
         decoder=DecoderConfig(d_model=160, n_layers=4, n_heads=4, mlp_hidden_size=432, vocab_size=tiny_vocab_size(),
                               rope_theta=10000.0, max_sequence_length=1024),
-        region=RegionConfig(roi_grid=16, roi_merge=4, roi_context=0.15, max_regions=8),
+        region=RegionConfig(roi_grid=16, roi_merge=4, roi_context=0.15, max_regions=8, span_position_embedding=True,
+                            span_region_query=True),
         decoding=DecodingConfig(caption_len=32, steps=32, threshold=0.9),
         mask_token_id=TINY_SPECIAL_TOKENS.index("<|mdm_mask|>"),
         eos_token_id=TINY_SPECIAL_TOKENS.index("<|endoftext|>"),

@@ -49,4 +49,5 @@ def to_rgb_uint8(image: object) -> np.ndarray:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     elif arr.shape[2] == 4:
         arr = arr[:, :, :3]
-    return np.ascontiguousarray(arr)
+    arr = np.ascontiguousarray(arr)
+    return arr if arr.flags.writeable else arr.copy()  # torch.from_numpy warns on read-only buffers (e.g. bag data)

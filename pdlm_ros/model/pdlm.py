@@ -51,6 +51,11 @@ class PerceptionDLM(nn.Module):
         self.connector = Connector(v.unshuffle ** 2 * v.hidden_size, d.d_model)
         self.decoder = LLaDADecoder(d)
         self.region = RegionEncoder(cfg.region, v.hidden_size, d.d_model)
+        if cfg.region.span_position_embedding:
+            self.span_position = nn.Parameter(torch.randn(cfg.decoding.caption_len, d.d_model))  # (L, C), like wte
+        else:
+            self.span_position = None
+        self.span_query = nn.Linear(d.d_model, d.d_model) if cfg.region.span_region_query else None
         self.register_buffer("prompt_ids", torch.tensor(list(prompt_ids), dtype=torch.long), persistent=False)
 
     @property
@@ -74,11 +79,20 @@ class PerceptionDLM(nn.Module):
         """-> (N, R, C)."""
         return self.region(frame.feature_map, frame.image, regions)
 
+    def span_embeddings(self, tokens: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        """Caption tokens (N, L) of regions with RoI tokens roi (N, R, C) -> (N, L, C) decoder inputs."""
+        x = self.decoder.wte(tokens)
+        if self.span_position is not None:
+            x = x + self.span_position[: tokens.shape[1]]
+        if self.span_query is not None:
+            x = x + self.span_query(roi.mean(dim=1)).unsqueeze(1)
+        return x
+
     # -- one denoising forward -----------------------------------------------------------------------------------------
     def region_logits(self, roi: torch.Tensor, tokens: torch.Tensor, cache: PrefixCache,
                       attn_impl: str = "shared_prefix") -> torch.Tensor:
         """Fast path. roi (N, R, C), tokens (N, L) -> caption logits (N, L, V), against the cached prefix."""
-        x = torch.cat([roi, self.decoder.wte(tokens)], dim=1)  # (N, R+L, C)
+        x = torch.cat([roi, self.span_embeddings(tokens, roi)], dim=1)  # (N, R+L, C)
         h = self.decoder.forward_regions(x, cache, attn_impl)
         return self.decoder.logits(h[:, roi.shape[1]:])
 
@@ -87,7 +101,7 @@ class PerceptionDLM(nn.Module):
         """Reference path: one packed sequence, everything recomputed. structured=False is the no-mask ablation."""
         n, r = roi.shape[:2]
         p, l_ = prefix.shape[0], tokens.shape[1]
-        blocks = torch.cat([roi, self.decoder.wte(tokens)], dim=1)  # (N, R+L, C)
+        blocks = torch.cat([roi, self.span_embeddings(tokens, roi)], dim=1)  # (N, R+L, C)
         x = torch.cat([prefix, blocks.flatten(0, 1)])  # (P + N(R+L), C)
         dev = prefix.device
         positions = torch.cat([torch.arange(p, device=dev), torch.arange(p, p + r + l_, device=dev).repeat(n)])

@@ -166,12 +166,18 @@ class RegionEncoder(nn.Module):
                          math.log(max(bw, 1.0)) / 5.0, math.log(max(bh, 1.0)) / 5.0, fill])
         return torch.tensor(rows, dtype=torch.float32)
 
-    def forward(self, feature_map: torch.Tensor, image: torch.Tensor, regions: Sequence[PreparedRegion]) -> torch.Tensor:
-        """-> RoI tokens (N, R, C), with geometry and the region prompt fused in."""
-        s = self.sample(feature_map, image, regions)  # (N, G, G, Ch)
-        n, g, _, ch = s.shape
+    def project(self, samples: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        """samples (N, G, G, Ch), geometry (N, 7) -> RoI tokens (N, R, C) with geometry and region prompt fused in.
+
+        The learned part of the replay; the exported regions graph is exactly this method.
+        """
+        n, g, _, ch = samples.shape
         m = self.cfg.roi_merge
-        s = s.reshape(n, g // m, m, g // m, m, ch).permute(0, 1, 3, 2, 4, 5).reshape(n, (g // m) ** 2, m * m * ch)
+        s = samples.reshape(n, g // m, m, g // m, m, ch).permute(0, 1, 3, 2, 4, 5).reshape(n, (g // m) ** 2, m * m * ch)
         tokens = self.roi_proj_2(F.gelu(self.roi_proj_1(s)))  # (N, R, C)
-        geo = self.geometry(self.geometry_features(regions, image.shape[1], image.shape[0]).to(tokens))
-        return tokens + geo.unsqueeze(1) + self.prompt.unsqueeze(0)
+        return tokens + self.geometry(geometry.to(tokens)).unsqueeze(1) + self.prompt.unsqueeze(0)
+
+    def forward(self, feature_map: torch.Tensor, image: torch.Tensor, regions: Sequence[PreparedRegion]) -> torch.Tensor:
+        """-> RoI tokens (N, R, C)."""
+        geometry = self.geometry_features(regions, image.shape[1], image.shape[0])
+        return self.project(self.sample(feature_map, image, regions), geometry)

@@ -122,7 +122,9 @@ class VisionTower(nn.Module):
         if self.cfg.kind == "siglip":
             out = self.encoder(pixel_values=pixels, output_hidden_states=True)
         else:
-            # NaFlex input: patches flattened as (p_row, p_col, channel), all real (no padding slots).
+            # NaFlex input: patches flattened as (p_row, p_col, channel), all real (no padding slots). Pixels past
+            # the last whole patch are dropped, as the fixed-resolution patch conv does.
+            pixels = pixels[:, :, : g * p, : g * p]
             patches = pixels.reshape(v, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(v, g * g, p * p * 3)
             mask = torch.ones(v, g * g, dtype=torch.long, device=pixels.device)
             shapes = torch.tensor([[g, g]] * v, dtype=torch.long, device=pixels.device)

@@ -1,0 +1,5 @@
+import sys
+
+from pdlm_ros.cli import main
+
+sys.exit(main())

@@ -1,0 +1,270 @@
+"""Conversions between ROS messages (rosbags message objects) and the core's types.
+
+Images become (H, W, 3) uint8 RGB numpy arrays; Detection2DArray and instance-mask images become `RegionInput`
+lists; a `FrameResult` becomes a RegionCaptionArray. Every malformed image raises `ImageInputError` naming the
+problem (encoding, step, size). Boxes are never dropped here: a NaN, infinite or out-of-frame box is passed on as is,
+so the captioner refuses that one region with an error and the others are still described.
+
+Hand-written rather than `rosbags-image`/`cv_bridge`: those need OpenCV (a heavy, clash-prone dependency on
+robots, see the numpy 2 / cv_bridge reports) and only decode; here we need both directions and exact errors.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+
+from pdlm_ros.errors import ImageInputError
+from pdlm_ros.ros import messages as M
+from pdlm_ros.types import FrameResult, RegionInput
+
+__all__ = [
+    "SUPPORTED_ENCODINGS",
+    "stamp_ns",
+    "header_msg",
+    "image_from_msg",
+    "image_from_compressed",
+    "image_to_msg",
+    "compressed_to_msg",
+    "labels_from_msg",
+    "regions_from_detections",
+    "regions_from_instance_mask",
+    "detection_array_msg",
+    "caption_array_msg",
+]
+
+# encoding -> (channels, bytes per channel, channel order). 8UC3/8UC4 are taken as BGR/BGRA, the order of the OpenCV
+# buffers that carry these generic encodings.
+SUPPORTED_ENCODINGS: dict[str, tuple[int, int, str]] = {
+    "rgb8": (3, 1, "rgb"),
+    "bgr8": (3, 1, "bgr"),
+    "rgba8": (4, 1, "rgb"),
+    "bgra8": (4, 1, "bgr"),
+    "mono8": (1, 1, "mono"),
+    "8UC1": (1, 1, "mono"),
+    "8UC3": (3, 1, "bgr"),
+    "8UC4": (4, 1, "bgr"),
+    "mono16": (1, 2, "mono"),
+    "16UC1": (1, 2, "mono"),
+}
+_MASK_ENCODINGS = ("mono8", "8UC1", "mono16", "16UC1")
+_MAX_SIDE = 20000  # px; a larger side is a corrupt header, not a camera
+
+
+def _types() -> dict[str, Any]:
+    return M.typestore().types
+
+
+def stamp_ns(header: Any) -> int:
+    """A header's stamp in int nanoseconds."""
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+def header_msg(stamp: int, frame_id: str = "") -> Any:
+    """A std_msgs/Header from int nanoseconds."""
+    t = _types()
+    sec, nsec = divmod(int(stamp), 1_000_000_000)
+    return t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](sec=sec, nanosec=nsec), frame_id=frame_id)
+
+
+# ----------------------------------------------------------------------------------------------------------- images
+def _pixels(msg: Any, allowed: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
+    """The image as (H, W, C) uint8 or uint16 (native byte order), and its channel order. Validates everything."""
+    enc = str(msg.encoding)
+    if enc not in SUPPORTED_ENCODINGS or (allowed is not None and enc not in allowed):
+        names = ", ".join(allowed if allowed is not None else SUPPORTED_ENCODINGS)
+        raise ImageInputError(f"unsupported image encoding {enc!r}; supported: {names}")
+    channels, depth, order = SUPPORTED_ENCODINGS[enc]
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if not (0 < h <= _MAX_SIDE and 0 < w <= _MAX_SIDE):
+        raise ImageInputError(f"image size {w}x{h} is out of range (1..{_MAX_SIDE} px per side)")
+    row = w * channels * depth
+    if step < row:
+        raise ImageInputError(f"image step {step} is smaller than a row of {w} px of {enc} ({row} bytes)")
+    data = msg.data
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data)
+    if buf.dtype != np.uint8:
+        buf = buf.astype(np.uint8)
+    if buf.size != step * h:
+        kind = "truncated" if buf.size < step * h else "longer than expected"
+        raise ImageInputError(f"image data is {kind}: {buf.size} bytes for step {step} x height {h} "
+                              f"(expected {step * h})")
+    rows = buf.reshape(h, step)[:, :row]
+    if depth == 2:
+        big = bool(msg.is_bigendian)
+        arr = np.ascontiguousarray(rows).view(">u2" if big else "<u2").astype(np.uint16)
+    else:
+        arr = rows
+    return arr.reshape(h, w, channels), order
+
+
+def _to_rgb8(arr: np.ndarray, order: str) -> np.ndarray:
+    if arr.dtype == np.uint16:  # full 16-bit range onto 8 bits, the same rule as the core's image input
+        arr = (arr.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    if order == "mono":
+        return np.repeat(arr[:, :, :1], 3, axis=2)
+    rgb = arr[:, :, :3]
+    if order == "bgr":
+        rgb = rgb[:, :, ::-1]
+    return np.ascontiguousarray(rgb)
+
+
+def image_from_msg(msg: Any) -> np.ndarray:
+    """sensor_msgs/Image -> (H, W, 3) uint8 RGB. Handles row padding (`step`) and big-endian 16-bit data."""
+    arr, order = _pixels(msg)
+    rgb = _to_rgb8(arr, order)
+    return rgb if rgb.flags.writeable and rgb.base is None else rgb.copy()  # never a view of the message buffer
+
+
+def image_from_compressed(msg: Any) -> np.ndarray:
+    """sensor_msgs/CompressedImage (JPEG, PNG, ...) -> (H, W, 3) uint8 RGB."""
+    data = bytes(memoryview(np.asarray(msg.data, dtype=np.uint8)))
+    if not data:
+        raise ImageInputError(f"compressed image is empty (format {msg.format!r})")
+    try:
+        with PILImage.open(io.BytesIO(data)) as img:
+            img.load()  # decode now: a truncated stream only fails here
+            if img.width > _MAX_SIDE or img.height > _MAX_SIDE:
+                raise ImageInputError(f"compressed image size {img.width}x{img.height} is out of range")
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img).astype(np.uint32)
+                return _to_rgb8(np.minimum(arr, 65535).astype(np.uint16)[:, :, None], "mono")
+            return np.array(img.convert("RGB"))  # a writable copy
+    except ImageInputError:
+        raise
+    except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as err:
+        raise ImageInputError(f"cannot decode compressed image (format {msg.format!r}, {len(data)} bytes): "
+                              f"{err}") from err
+
+
+def image_to_msg(rgb: np.ndarray, header: Any, encoding: str = "rgb8") -> Any:
+    """(H, W, 3) uint8 RGB -> sensor_msgs/Image in `encoding` (rgb8, bgr8 or mono8), unpadded rows."""
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageInputError(f"image_to_msg needs (H, W, 3) uint8 RGB; got {arr.dtype} {arr.shape}")
+    if encoding == "bgr8":
+        arr = arr[:, :, ::-1]
+    elif encoding == "mono8":
+        arr = arr.mean(axis=2, dtype=np.float32).round().astype(np.uint8)[:, :, None]
+    elif encoding != "rgb8":
+        raise ImageInputError(f"image_to_msg encodes rgb8, bgr8 or mono8 (got {encoding!r})")
+    h, w, c = arr.shape
+    return _types()[M.IMAGE](header=header, height=h, width=w, encoding=encoding, is_bigendian=0, step=w * c,
+                             data=np.ascontiguousarray(arr).reshape(-1))
+
+
+def compressed_to_msg(rgb: np.ndarray, header: Any, fmt: str = "jpeg", quality: int = 90) -> Any:
+    """(H, W, 3) uint8 RGB -> sensor_msgs/CompressedImage (`jpeg` or `png`)."""
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageInputError(f"compressed_to_msg needs (H, W, 3) uint8 RGB; got {arr.dtype} {arr.shape}")
+    if fmt not in ("jpeg", "png"):
+        raise ImageInputError(f"compressed format must be 'jpeg' or 'png' (got {fmt!r})")
+    out = io.BytesIO()
+    PILImage.fromarray(arr).save(out, format=fmt.upper(), **({"quality": quality} if fmt == "jpeg" else {}))
+    return _types()[M.COMPRESSED_IMAGE](header=header, format=fmt,
+                                        data=np.frombuffer(out.getvalue(), dtype=np.uint8).copy())
+
+
+# ---------------------------------------------------------------------------------------------------------- regions
+def _best_hypothesis(det: Any) -> tuple[str, float]:
+    """(class_id, score) of the highest finite score (the first on ties); the first one if none is finite."""
+    hyps = [(str(r.hypothesis.class_id), float(r.hypothesis.score)) for r in det.results]
+    if not hyps:
+        return "", math.nan
+    finite = [h for h in hyps if math.isfinite(h[1])]
+    return max(finite, key=lambda h: h[1]) if finite else hyps[0]
+
+
+def regions_from_detections(msg: Any, width: int, height: int) -> list[RegionInput]:
+    """vision_msgs/Detection2DArray -> one RegionInput per detection, in order (none is dropped).
+
+    Centre/size become (x1, y1, x2, y2); a rotated box (theta != 0) becomes the axis-aligned box around it. The best
+    hypothesis (highest finite score, else the first) gives class_id/score. `width`/`height` are the image's size;
+    they are only checked here: clipping and refusal of unusable boxes are the captioner's documented rule.
+    """
+    if width < 1 or height < 1:
+        raise ImageInputError(f"image size must be positive to place detections (got {width}x{height})")
+    regions = []
+    for i, det in enumerate(msg.detections):
+        b = det.bbox
+        cx, cy = float(b.center.position.x), float(b.center.position.y)
+        sx, sy, theta = float(b.size_x), float(b.size_y), float(b.center.theta)
+        if theta and math.isfinite(theta):
+            c, s = abs(math.cos(theta)), abs(math.sin(theta))
+            sx, sy = c * sx + s * sy, s * sx + c * sy
+        box = (cx - sx / 2, cy - sy / 2, cx + sx / 2, cy + sy / 2)
+        class_id, score = _best_hypothesis(det)
+        regions.append(RegionInput(box=box, region_id=str(det.id), source_index=i, class_id=class_id, score=score))
+    return regions
+
+
+def labels_from_msg(msg: Any) -> np.ndarray:
+    """An instance-mask image (mono8, 8UC1, mono16, 16UC1) -> (H, W) integer labels, 0 = background."""
+    arr, _ = _pixels(msg, allowed=_MASK_ENCODINGS)
+    return arr[:, :, 0]
+
+
+def regions_from_instance_mask(msg: Any) -> list[RegionInput]:
+    """An instance-mask image -> one mask RegionInput per label != 0, by increasing label; `region_id` = label."""
+    labels = labels_from_msg(msg)
+    values = np.unique(labels)
+    values = values[values != 0]
+    return [RegionInput(mask=labels == v, region_id=str(int(v)), source_index=k) for k, v in enumerate(values)]
+
+
+def _bbox(box: Sequence[float]) -> Any:
+    t = _types()
+    x1, y1, x2, y2 = (float(v) for v in box)
+    center = t["vision_msgs/msg/Pose2D"](position=t["vision_msgs/msg/Point2D"](x=(x1 + x2) / 2, y=(y1 + y2) / 2),
+                                         theta=0.0)
+    return t["vision_msgs/msg/BoundingBox2D"](center=center, size_x=x2 - x1, size_y=y2 - y1)
+
+
+def detection_array_msg(header: Any, regions: Sequence[RegionInput]) -> Any:
+    """Box regions -> vision_msgs/Detection2DArray (the inverse of `regions_from_detections` for unrotated boxes)."""
+    t = _types()
+    dets = []
+    for reg in regions:
+        if reg.box is None:
+            raise ImageInputError("detection_array_msg needs box regions (a region has no box)")
+        results = []
+        if reg.class_id:
+            pose = t["geometry_msgs/msg/PoseWithCovariance"](
+                pose=t["geometry_msgs/msg/Pose"](position=t["geometry_msgs/msg/Point"](x=0.0, y=0.0, z=0.0),
+                                                 orientation=t["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0,
+                                                                                               w=1.0)),
+                covariance=np.zeros(36, dtype=np.float64))
+            hyp = t["vision_msgs/msg/ObjectHypothesis"](class_id=reg.class_id,
+                                                        score=float(reg.score) if math.isfinite(reg.score) else 0.0)
+            results.append(t["vision_msgs/msg/ObjectHypothesisWithPose"](hypothesis=hyp, pose=pose))
+        dets.append(t["vision_msgs/msg/Detection2D"](header=header, results=results, bbox=_bbox(reg.box),
+                                                     id=reg.region_id))
+    return t[M.DETECTION_ARRAY](header=header, detections=dets)
+
+
+def caption_array_msg(result: FrameResult, header: Any, ages: Sequence[float] | None = None,
+                      latency_ms: float | None = None) -> Any:
+    """FrameResult -> pdlm_ros/RegionCaptionArray with `header` (the source image's header, copied).
+
+    `ages` (seconds, one per region) marks how old each caption is (0 for fresh ones); `latency_ms` overrides the
+    frame's inference time (default: `result.stats.latency_ms["total"]`).
+    """
+    t = _types()
+    if ages is not None and len(ages) != len(result.regions):
+        raise ValueError(f"ages has {len(ages)} entries for {len(result.regions)} regions")
+    regions = []
+    for k, r in enumerate(result.regions):
+        regions.append(t[M.CAPTION](
+            id=r.region_id, index=max(int(r.source_index if r.source_index >= 0 else r.index), 0),
+            class_id=r.class_id, score=float(r.score), bbox=_bbox(r.box), caption=r.caption,
+            confidence=float(r.confidence), cached=bool(r.cached), age=float(ages[k]) if ages is not None else 0.0,
+            error=r.error))
+    total = result.stats.latency_ms.get("total", 0.0) if latency_ms is None else latency_ms
+    return t[M.CAPTION_ARRAY](header=header, model=result.model_name, nfe=int(result.stats.nfe),
+                              tpf=float(result.stats.tpf), latency_ms=float(total), regions=regions)

@@ -1,0 +1,353 @@
+"""The captioning node without ROS: lifecycle, input handling, a one-slot frame buffer and a worker thread.
+
+Transports (rclpy, Cyclone DDS) only move messages: they call `on_image`/`on_compressed`/`on_detections`/
+`on_instance_mask` with rosbags message objects and give the core an `Outputs` to publish through.
+
+Data path: input callbacks only stamp-sync (`StampSync`) and put the newest pair into a ONE-slot buffer, replacing
+(and counting as dropped) a pair the worker has not started yet; they never run the model. The worker thread takes
+the slot, decodes the image, builds regions, reuses cached captions of tracked regions (`CaptionCache`), runs
+`Captioner.caption` on the rest and publishes a RegionCaptionArray with the image's header, plus annotated_image
+while someone subscribes. So memory is bounded (one pair in the slot, `sync.queue_size` per stream in the sync) and
+the output always follows the newest input: latency is at most one frame of waiting plus one inference.
+
+Bad input never stops the node: a rejected image or region message is logged (throttled), counted by kind in
+/diagnostics, and the next frame is processed as usual. A refused region stays in the output with its error.
+More regions than the model's max_regions are captioned in further passes (the captioner's rule); nothing is dropped.
+
+Lifecycle (ROS 2 managed-node states): configure loads the model; activate starts the worker (reloading the model
+if deactivate freed it); deactivate stops the worker and frees the model (GPU memory goes back while inactive);
+cleanup forgets caches and counters; shutdown does whatever is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pdlm_ros.errors import ConfigError, ImageInputError, PDLMError
+from pdlm_ros.ros import messages as M
+from pdlm_ros.ros.cache import CaptionCache, region_box
+from pdlm_ros.ros.convert import (caption_array_msg, header_msg, image_from_compressed, image_from_msg, image_to_msg,
+                                  regions_from_detections, regions_from_instance_mask, stamp_ns)
+from pdlm_ros.ros.diagnostics import NodeHealth, Throttle, classify_error, diagnostic_array_msg
+from pdlm_ros.ros.params import NodeParams
+from pdlm_ros.ros.sync import Pair, StampSync
+from pdlm_ros.types import FrameResult, FrameStats, RegionCaption, RegionInput
+
+__all__ = ["TopicSpec", "Outputs", "NodeCore", "input_topics", "OUTPUT_TOPICS", "load_captioner"]
+
+log = logging.getLogger("pdlm_ros.node")
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic of the node. Names are relative ROS names (remapped by launch files); `/diagnostics` is absolute."""
+
+    name: str
+    msgtype: str
+    handler: str = ""  # NodeCore method for an input
+    sensor: bool = False  # input QoS from `input.qos`; outputs are reliable
+
+
+OUTPUT_TOPICS = (
+    TopicSpec("captions", M.CAPTION_ARRAY),
+    TopicSpec("annotated_image", M.IMAGE),
+    TopicSpec("/diagnostics", M.DIAGNOSTIC_ARRAY),
+)
+
+
+def input_topics(p: NodeParams) -> list[TopicSpec]:
+    image = (TopicSpec("image/compressed", M.COMPRESSED_IMAGE, "on_compressed", True) if p.input_compressed
+             else TopicSpec("image", M.IMAGE, "on_image", True))
+    regions = (TopicSpec("detections", M.DETECTION_ARRAY, "on_detections", True) if p.regions_source == "detections"
+               else TopicSpec("instance_mask", M.IMAGE, "on_instance_mask", True))
+    return [image, regions]
+
+
+class Outputs(Protocol):
+    def publish(self, topic: str, msg: Any) -> None: ...
+
+    def subscriber_count(self, topic: str) -> int: ...
+
+
+def load_captioner(p: NodeParams) -> Any:
+    """The captioner the parameters ask for, on the asked backend (imports torch only now)."""
+    import torch
+
+    from pdlm_ros.runtime import load_captioner as load_backend
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
+    return load_backend(p.checkpoint or None, backend=p.backend, engine_path=p.engine_path or None,
+                        preset=p.preset or None, device=device, seed=p.seed)
+
+
+class NodeCore:
+    STATES = ("unconfigured", "inactive", "active", "finalized")
+
+    def __init__(self, params: NodeParams, outputs: Outputs, *, name: str = "pdlm_node",
+                 loader: Callable[[NodeParams], Any] = load_captioner,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.params, self.outputs, self.name = params, outputs, name
+        self._loader, self._clock = loader, clock
+        self.state = "unconfigured"
+        self.captioner: Any = None
+        self.health = NodeHealth(clock=clock)
+        self.throttle = Throttle(log, params.log_throttle, clock)
+        self.sync: StampSync[Any, Any] = StampSync(params.sync_slop, params.sync_queue_size)
+        self.cache = CaptionCache(params.cache_max_age, params.cache_iou_threshold, params.cache_max_tracks)
+        self._cond = threading.Condition()
+        self._slot: Pair[Any, Any] | None = None
+        self._busy = False
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._last_image_at: float | None = None
+        self._diag_prev_matched = 0
+        self._diag_prev_inputs = (0, 0)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    def _require(self, *states: str) -> None:
+        if self.state not in states:
+            raise ConfigError(f"node is {self.state}; this transition needs it {' or '.join(states)}")
+
+    def configure(self) -> None:
+        self._require("unconfigured")
+        log.info("[%s] configuring: loading the model", self.name)
+        self.captioner = self._loader(self.params)
+        log.info("[%s] model %s loaded", self.name, getattr(self.captioner, "name", "?"))
+        self.state = "inactive"
+
+    def activate(self) -> None:
+        self._require("inactive")
+        if self.captioner is None:
+            self.captioner = self._loader(self.params)
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._run, name=f"{self.name}-worker", daemon=True)
+        self.state = "active"
+        self._worker.start()
+        log.info("[%s] active", self.name)
+
+    def deactivate(self) -> None:
+        self._require("active")
+        self.state = "inactive"
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        with self._cond:
+            self._slot = None
+        self.captioner = None
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("[%s] deactivated, model freed", self.name)
+
+    def cleanup(self) -> None:
+        self._require("inactive")
+        self.captioner = None
+        self.cache.clear()
+        self.sync = StampSync(self.params.sync_slop, self.params.sync_queue_size)
+        self.health = NodeHealth(clock=self._clock)
+        self.state = "unconfigured"
+
+    def shutdown(self) -> None:
+        if self.state == "active":
+            self.deactivate()
+        self.captioner = None
+        self.state = "finalized"
+
+    # -- inputs (transport callbacks: cheap, never run the model) --------------------------------------------------
+    def _input(self, key: str, msg: Any, is_image: bool) -> None:
+        if self.state != "active":
+            self.health.count("inputs_while_inactive")
+            return
+        self.health.count(key)
+        try:
+            stamp = stamp_ns(msg.header)
+        except (AttributeError, TypeError, ValueError) as err:
+            self.health.error("bad_header")
+            self.throttle.warning("bad_header", "[%s] message without a usable header: %s", self.name, err)
+            return
+        if is_image:
+            self._last_image_at = self._clock()
+        pairs = self.sync.add_image(stamp, msg) if is_image else self.sync.add_regions(stamp, msg)
+        for pair in pairs:
+            self.health.count("pairs")
+            with self._cond:
+                if self._slot is not None:
+                    self.health.count("dropped")
+                self._slot = pair
+                self._cond.notify()
+
+    def on_image(self, msg: Any) -> None:
+        self._input("images_in", msg, True)
+
+    def on_compressed(self, msg: Any) -> None:
+        self._input("images_in", msg, True)
+
+    def on_detections(self, msg: Any) -> None:
+        self._input("regions_in", msg, False)
+
+    def on_instance_mask(self, msg: Any) -> None:
+        self._input("regions_in", msg, False)
+
+    # -- worker ---------------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_diag = self._clock() + self.params.diagnostics_period
+        while not self._stop.is_set():
+            with self._cond:
+                if self._slot is None:
+                    self._cond.wait(timeout=max(next_diag - self._clock(), 0.0))
+                pair, self._slot = self._slot, None
+                self._busy = pair is not None
+            try:
+                if pair is not None:
+                    self.process(pair)
+                if self._clock() >= next_diag:
+                    next_diag = self._clock() + self.params.diagnostics_period
+                    self.publish_diagnostics()
+            except Exception:  # noqa: BLE001 - the worker must outlive any single frame's failure
+                self.health.error("internal")
+                self.throttle.warning("internal", "[%s] unexpected error in the worker", self.name, exc_info=True)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until the slot is empty and no frame is being processed (tests, bag replay)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._slot is None and not self._busy, timeout=timeout)
+
+    # -- one frame ------------------------------------------------------------------------------------------------
+    def _reject(self, what: str, stamp: int, err: Exception, kind: str | None = None) -> None:
+        kind = kind or classify_error(str(err))
+        self.health.error(kind)
+        self.throttle.warning(kind, "[%s] %s of frame %d rejected: %s", self.name, what, stamp, err)
+
+    def _regions(self, msg: Any, width: int, height: int) -> list[RegionInput]:
+        if msg.__msgtype__ == M.DETECTION_ARRAY:
+            return regions_from_detections(msg, width, height)
+        regions = regions_from_instance_mask(msg)
+        if regions and regions[0].mask is not None and regions[0].mask.shape != (height, width):
+            raise ImageInputError(f"instance mask is {regions[0].mask.shape[1]}x{regions[0].mask.shape[0]} px but "
+                                  f"the image is {width}x{height} px")
+        return regions
+
+    def process(self, pair: Pair[Any, Any]) -> Any | None:
+        """Caption one synced pair and publish it; returns the RegionCaptionArray, or None if the frame was
+        rejected (the reason is logged and counted)."""
+        t0 = self._clock()
+        image_msg = pair.image
+        try:
+            rgb = (image_from_compressed(image_msg) if image_msg.__msgtype__ == M.COMPRESSED_IMAGE
+                   else image_from_msg(image_msg))
+        except ImageInputError as err:
+            self._reject("image", pair.stamp, err)
+            return None
+        h, w = rgb.shape[:2]
+        try:
+            regions = self._regions(pair.regions, w, h)
+        except ImageInputError as err:
+            self._reject("region source", pair.stamp, err, kind="region_source")
+            return None
+        if not regions:
+            self.health.count("frames_without_regions")
+        max_regions = self._max_regions()
+        if max_regions and len(regions) > max_regions:
+            self.health.count("frames_over_max_regions")
+            self.throttle.warning("over_max_regions", "[%s] %d regions in frame %d exceed max_regions %d: "
+                                  "captioned in %d passes (slower, nothing dropped)", self.name, len(regions),
+                                  pair.stamp, max_regions, -(-len(regions) // max_regions))
+
+        cached: dict[int, tuple[RegionCaption, float]] = {}
+        todo: list[int] = []
+        for i, reg in enumerate(regions):
+            hit = self.cache.lookup(reg, pair.stamp) if self.params.cache_enabled else None
+            if hit is None:
+                todo.append(i)
+            else:
+                box = region_box(reg) or hit.box
+                cap = dataclasses.replace(hit.caption, index=i, box=box, source_index=reg.source_index,
+                                          class_id=reg.class_id, score=reg.score, cached=True)
+                cached[i] = (cap, (pair.stamp - hit.stamp) / 1e9)
+
+        stats, fresh = FrameStats(), {}
+        if todo:
+            p = self.params
+            try:
+                result = self.captioner.caption(
+                    rgb, [regions[i] for i in todo], mode=p.decoding_mode, steps=p.decoding_steps or None,
+                    threshold=(p.decoding_threshold or None) if p.decoding_mode == "threshold" else None,
+                    temperature=p.decoding_temperature)
+            except PDLMError as err:
+                self._reject("regions", pair.stamp, err, kind="inference_input")
+                return None
+            except Exception as err:  # noqa: BLE001 - a model failure must not end the node; it is logged in full
+                self.health.error("inference")
+                self.throttle.warning("inference", "[%s] inference failed on frame %d: %s", self.name, pair.stamp,
+                                      err, exc_info=True)
+                return None
+            stats = result.stats
+            for i, cap in zip(todo, result.regions):
+                fresh[i] = dataclasses.replace(cap, index=i)
+                if cap.error:
+                    self.health.error(classify_error(cap.error))
+                    self.throttle.warning(classify_error(cap.error), "[%s] region %d (id %r) of frame %d refused: %s",
+                                          self.name, i, cap.region_id, pair.stamp, cap.error)
+                elif self.params.cache_enabled:
+                    self.cache.store(regions[i], cap, pair.stamp)
+
+        merged = [fresh[i] if i in fresh else cached[i][0] for i in range(len(regions))]
+        ages = [cached[i][1] if i in cached else 0.0 for i in range(len(regions))]
+        self.health.count("regions_cached", len(cached))
+        self.health.count("regions_described", len(fresh))
+        frame = FrameResult(merged, stats, getattr(self.captioner, "name", ""))
+        out = caption_array_msg(frame, image_msg.header, ages=ages,
+                                latency_ms=stats.latency_ms.get("total", 0.0) if todo else 0.0)
+        self.outputs.publish("captions", out)
+        if self.params.annotated_enabled and self.outputs.subscriber_count("annotated_image") > 0:
+            from pdlm_ros.viz import draw_captions
+
+            self.outputs.publish("annotated_image", image_to_msg(draw_captions(rgb, merged), image_msg.header))
+        self.health.frame((self._clock() - t0) * 1000.0, len(regions))
+        return out
+
+    def _max_regions(self) -> int:
+        try:
+            return int(self.captioner.config.region.max_regions)
+        except AttributeError:
+            return 0
+
+    # -- diagnostics ----------------------------------------------------------------------------------------------
+    def publish_diagnostics(self) -> Any:
+        sync = self.sync.counters()
+        counts, _ = self.health.snapshot()
+        inputs = (counts["images_in"], counts["regions_in"])
+        both_arrived = all(now > before for now, before in zip(inputs, self._diag_prev_inputs))
+        if both_arrived and sync.matched == self._diag_prev_matched:
+            self.health.error("sync_no_match")
+            delta = sync.pending_delta_ns
+            self.throttle.warning(
+                "sync_no_match", "[%s] no image matched its regions since the last report: latest image stamp %s, "
+                "latest regions stamp %s (image - regions = %s s); make the detector copy the image header or raise "
+                "sync.slop", self.name, sync.last_image_stamp, sync.last_regions_stamp,
+                f"{delta / 1e9:.3f}" if delta is not None else "?")
+        self._diag_prev_matched, self._diag_prev_inputs = sync.matched, inputs
+        since = self._clock() - self._last_image_at if self._last_image_at is not None else float("nan")
+        extra = {"state": self.state, "model": getattr(self.captioner, "name", ""), "max_regions": self._max_regions(),
+                 "sync.matched": sync.matched, "sync.expired_images": sync.expired_images,
+                 "sync.expired_regions": sync.expired_regions, "sync.resets": sync.resets,
+                 "cache.tracks": len(self.cache), "seconds_since_last_image": f"{since:.2f}"}
+        report = self.health.report(extra)
+        msg = diagnostic_array_msg(report, header_msg(time.time_ns()), f"{self.name}: region captioning",
+                                   hardware_id=str(getattr(self.captioner, "device", "")))
+        self.outputs.publish("/diagnostics", msg)
+        return msg

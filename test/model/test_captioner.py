@@ -1,0 +1,147 @@
+"""Bad input is handled as documented or refused with an error that names the problem; nothing is dropped."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pdlm_ros.errors import ConfigError, ImageInputError
+from pdlm_ros.types import RegionInput
+
+BOX = RegionInput(box=(2, 2, 30, 30))
+
+
+def rng_image(h, w, c=3, dtype=np.uint8, seed=0):
+    info = np.iinfo(dtype)
+    shape = (h, w) if c is None else (h, w, c)
+    return np.random.default_rng(seed).integers(0, info.max, shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("image", [rng_image(40, 50, None), rng_image(40, 50, 1), rng_image(40, 50, 4),
+                                   rng_image(40, 50, 3, np.uint16), rng_image(40, 50, None, np.uint16)],
+                         ids=["gray", "gray1", "rgba", "rgb16", "gray16"])
+def test_image_formats_are_converted(tiny_captioner, image):
+    res = tiny_captioner.caption(image, [BOX], steps=4)
+    assert res.regions[0].ok and res.regions[0].caption is not None
+
+
+def test_rgba_is_captioned_like_its_rgb(tiny_captioner):
+    rgb = rng_image(40, 50)
+    rgba = np.concatenate([rgb, np.full((40, 50, 1), 7, np.uint8)], axis=2)
+    a, b = tiny_captioner.caption(rgb, [BOX], steps=4), tiny_captioner.caption(rgba, [BOX], steps=4)
+    assert a.regions[0].caption == b.regions[0].caption
+
+
+@pytest.mark.parametrize("image,match", [
+    (np.zeros((4, 4, 2), np.uint8), "shape"),
+    (np.zeros((0, 4, 3), np.uint8), "empty"),
+    (np.zeros((4, 4, 3), np.int64), "dtype"),
+    (np.full((4, 4, 3), np.nan, np.float32), "NaN"),
+    ("not an image", "numpy array"),
+])
+def test_unusable_images_are_refused_by_name(tiny_captioner, image, match):
+    with pytest.raises(ImageInputError, match=match):
+        tiny_captioner.caption(image, [BOX])
+
+
+def test_no_regions_gives_an_empty_result_without_running_the_model(tiny_captioner):
+    res = tiny_captioner.caption(rng_image(20, 20), [])
+    assert res.regions == [] and res.stats.nfe == 0
+
+
+def test_bad_regions_are_refused_one_by_one_and_the_rest_captioned(tiny_captioner):
+    h, w = 40, 60
+    empty = np.zeros((h, w), bool)
+    wrong = np.ones((10, 10), bool)
+    regions = [
+        RegionInput(box=(1, 1, 20, 20), region_id="good"),
+        RegionInput(mask=empty, region_id="empty"),
+        RegionInput(box=(100, 100, 120, 130), region_id="outside"),
+        RegionInput(box=(5, 5, 5, 9), region_id="zero"),
+        RegionInput(box=(math.nan, 1, 3, 4), region_id="nan"),
+        RegionInput(mask=wrong, region_id="wrongsize"),
+        RegionInput(region_id="nothing"),
+        RegionInput(box=(-10, -10, 15, 15), region_id="clipped"),
+    ]
+    res = tiny_captioner.caption(rng_image(h, w), regions, steps=4)
+    assert [r.region_id for r in res.regions] == [r.region_id for r in regions]  # nothing dropped, order kept
+    errors = {r.region_id: r.error for r in res.regions}
+    assert errors["good"] == "" and errors["clipped"] == ""
+    assert "mask is empty" in errors["empty"]
+    assert "lies outside the 60x40 image" in errors["outside"]
+    assert "zero or negative area" in errors["zero"]
+    assert "non-finite" in errors["nan"]
+    assert "does not match the 60x40 image" in errors["wrongsize"]
+    assert "neither a box nor a mask" in errors["nothing"]
+    assert res.regions[7].box == (0.0, 0.0, 15.0, 15.0)
+    good = tiny_captioner.caption(rng_image(h, w), regions[:1], steps=4)
+    assert good.regions[0].caption == res.regions[0].caption  # refused neighbours change nothing
+
+
+def test_one_pixel_image(tiny_captioner):
+    res = tiny_captioner.caption(np.full((1, 1, 3), 200, np.uint8), [RegionInput(box=(0, 0, 1, 1))], steps=2)
+    assert res.regions[0].ok
+
+
+def test_huge_image_is_resized_not_copied_to_float(tiny_captioner):
+    import resource
+
+    img = np.zeros((8000, 8000, 3), np.uint8)
+    img[1000:3000, 2000:5000] = (200, 30, 30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = tiny_captioner.caption(img, [RegionInput(box=(2000, 1000, 5000, 3000))], steps=2)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert res.regions[0].ok
+    # A float32 copy of the frame alone would be 768 MiB.
+    assert grown_mib < 500, f"peak memory grew by {grown_mib:.0f} MiB"
+
+
+def test_more_regions_than_max_are_chunked_with_identical_captions(tiny_captioner):
+    cap = tiny_captioner
+    n = cap.config.region.max_regions + 3
+    img = rng_image(64, 96, seed=4)
+    regions = [RegionInput(box=(i * 5, 2 + i, i * 5 + 20, 40 + i), region_id=str(i)) for i in range(n)]
+    res = cap.caption(img, regions, steps=4)
+    assert len(res.regions) == n and all(r.ok for r in res.regions)
+    assert res.stats.nfe == 2 * 4  # two passes of 4 steps
+    last = cap.caption(img, regions[-3:], steps=4)
+    assert [r.caption for r in res.regions[-3:]] == [r.caption for r in last.regions]
+
+
+def test_bad_decoding_arguments_are_named(tiny_captioner):
+    with pytest.raises(ConfigError, match="unknown decoding mode 'fast'"):
+        tiny_captioner.caption(rng_image(8, 8), [BOX], mode="fast")
+    with pytest.raises(ConfigError, match="steps must be in 1..32"):
+        tiny_captioner.caption(rng_image(8, 8), [BOX], steps=33)
+    with pytest.raises(ConfigError, match="only used in threshold mode"):
+        tiny_captioner.caption(rng_image(8, 8), [BOX], threshold=0.5)
+
+
+def test_caption_cli_json(tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(rng_image(48, 64)).save(path)
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:30, 20:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = subprocess.run([sys.executable, "-m", "pdlm_ros.cli", "caption", str(path), "--box", "1,2,30,40",
+                          "--mask", str(tmp_path / "mask.png"), "--preset", "tiny", "--steps", "4", "--json"],
+                         capture_output=True, text=True, check=True)
+    doc = json.loads(out.stdout)
+    assert [r["index"] for r in doc["regions"]] == [0, 1]
+    assert doc["regions"][0]["box"] == [1.0, 2.0, 30.0, 40.0]
+    assert doc["regions"][1]["box"] == [20.0, 10.0, 40.0, 30.0]
+    assert doc["stats"]["nfe"] == 4 and doc["stats"]["tpf"] == 2 * 32 / 4
+
+
+def test_caption_cli_errors_are_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pdlm_ros.cli", "caption", str(tmp_path / "missing.png"),
+                          "--box", "1,2,3,4", "--preset", "tiny"], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: image file not found")
+    bad = subprocess.run([sys.executable, "-m", "pdlm_ros.cli", "caption", str(tmp_path / "x.png"), "--box", "1,2"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "four comma-separated numbers" in bad.stderr

@@ -1,0 +1,121 @@
+"""End to end over real DDS on loopback: camera+tracker, the node, and a planner, as three processes.
+
+Cyclone DDS is confined to the loopback interface (unicast discovery, no multicast) and a random domain id, so
+parallel runs do not see each other. The camera process is stopped and a new one started midway (a publisher that
+dies and comes back), and the last frame of the first camera has an unsupported encoding (last, so that no newer
+frame can replace it in the node's one-slot buffer before it is looked at).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("cyclonedds", reason="the ROS-less DDS transport needs the cyclonedds package")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+LOOPBACK = ('<CycloneDDS><Domain id="any"><General><Interfaces><NetworkInterface name="lo" multicast="false"/>'
+            '</Interfaces><AllowMulticast>false</AllowMulticast></General><Discovery>'
+            '<ParticipantIndex>auto</ParticipantIndex><MaxAutoParticipantIndex>40</MaxAutoParticipantIndex>'
+            '<Peers><Peer address="127.0.0.1"/></Peers></Discovery></Domain></CycloneDDS>')
+NODE = [sys.executable, "-c", "import sys; from pdlm_ros.cli import main; sys.exit(main())", "node"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CYCLONEDDS_URI=LOOPBACK, ROS_DOMAIN_ID=str(random.SystemRandom().randint(1, 200)),
+               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    detail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n{detail}")
+
+
+def _camera(args: list[str], env, tmp: Path, name: str) -> list[dict]:
+    out = tmp / f"{name}.jsonl"
+    with open(out, "w") as f, open(tmp / f"{name}.err", "w") as err:
+        rc = subprocess.run([sys.executable, str(HERE / "dds_camera.py"), *args], stdout=f, stderr=err, env=env,
+                            timeout=90).returncode
+    assert rc == 0, (tmp / f"{name}.err").read_text()
+    return _lines(out)
+
+
+def test_camera_node_planner_over_dds(tmp_path):
+    env = _env()
+    node_err = tmp_path / "node.err"
+    planner_out = tmp_path / "planner.jsonl"
+    procs = []
+    try:
+        node = subprocess.Popen([*NODE, "--transport", "dds", "--ros-args", "-p", "preset:=tiny",
+                                 "-p", "decoding.steps:=2", "-p", "diagnostics.period:=0.5", "-r", "__node:=pdlm_e2e"],
+                                stdout=subprocess.DEVNULL, stderr=open(node_err, "w"), env=env)
+        procs.append(node)
+        planner = subprocess.Popen([sys.executable, str(HERE / "dds_planner.py")], stdout=open(planner_out, "w"),
+                                   stderr=open(tmp_path / "planner.err", "w"), env=env)
+        procs.append(planner)
+        _wait_for(lambda: "on DDS domain" in node_err.read_text(), 120, "the node to start", node, node_err)
+        _wait_for(lambda: planner_out.exists() and "ready" in planner_out.read_text(), 30, "the planner", planner)
+
+        first = _camera(["--frames", "30", "--hz", "20", "--bad-frame", "29"], env, tmp_path, "camera1")
+        # the camera process is gone; a new one comes up with its own participant and a later clock
+        second = _camera(["--frames", "30", "--hz", "20", "--start-ns", "2000000000000"], env, tmp_path, "camera2")
+        published = {f["stamp"]: f for f in first + second}
+        total = len(first) + len(second)
+
+        def settled():
+            diags = [d for d in _lines(planner_out) if d["topic"] == "diagnostics"]
+            if not diags:
+                return None
+            v = diags[-1]["values"]
+            done = int(v["images_in"]) == total and \
+                int(v["frames_out"]) + int(v["dropped"]) + int(v.get("errors.image_encoding", 0)) == int(v["pairs"])
+            return v if done else None
+
+        values = _wait_for(settled, 60, "the node to process every frame", node, node_err)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=30) for p in procs]
+    assert codes[0] == 0, node_err.read_text()[-3000:]
+
+    captions = [d for d in _lines(planner_out) if d["topic"] == "captions"]
+    assert captions, "the planner received no captions"
+    for c in captions:
+        frame = published[c["stamp"]]  # every output stamp is an image stamp
+        assert not frame["bad"]
+        assert [r["id"] for r in c["regions"]] == frame["ids"]  # region ids match the detections
+        assert [r["index"] for r in c["regions"]] == list(range(len(frame["ids"])))
+        assert all(r["caption"] and not r["error"] for r in c["regions"])
+        assert c["frame_id"] == "camera_optical_frame"
+    stamps = [c["stamp"] for c in captions]
+    assert any(s < 2_000_000_000_000 for s in stamps) and any(s >= 2_000_000_000_000 for s in stamps)
+    assert stamps[-1] == second[-1]["stamp"]  # the newest frame is processed
+    assert any(r["cached"] for c in captions for r in c["regions"])  # tracked regions reuse their captions
+
+    assert values["errors.image_encoding"] == "1"  # the bad frame is counted, and the node went on
+    assert int(values["pairs"]) == total and int(values["frames_out"]) == len(captions)
+    assert "unsupported image encoding 'yuv422'" in node_err.read_text()
