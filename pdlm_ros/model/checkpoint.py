@@ -81,8 +81,10 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise CheckpointError(f"malformed shard index {index}: {err}") from err
             files = [path / name for name in sorted(set(weight_map.values()))]
-        else:
-            files = sorted(path.glob("*.safetensors"))
+        elif (path / "model.safetensors").is_file():
+            files = [path / "model.safetensors"]
+        else:  # unindexed shards; a training run's optimizer state is not model weights
+            files = [p for p in sorted(path.glob("*.safetensors")) if not p.name.startswith("optimizer")]
         if not files:
             pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
             if pickles:

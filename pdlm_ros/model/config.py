@@ -93,6 +93,10 @@ class RegionConfig:
     # from its own region's content instead of having to find it by attention first. The structured mask is
     # unaffected (the summary is the region's own). Off for LLaDA checkpoints; on for models trained from scratch.
     span_region_query: bool = False
+    # Channels of a small conv stem over the G x G RoI samples (strided down to the token grid), added to the RoI
+    # tokens; 0 = off. Object shape is a spatial pattern that 4x4-merged samples leave for the decoder to rebuild;
+    # a conv stem extracts it directly (the tiny model learned colour, size and pattern without one, shape not).
+    roi_stem_channels: int = 0
 
     @property
     def tokens(self) -> int:
@@ -133,6 +137,8 @@ class PDLMConfig:
             raise ConfigError(f"vision.image_size must be at least one patch (got {v.image_size} < {v.patch_size})")
         if r.roi_grid % r.roi_merge:
             raise ConfigError(f"region.roi_grid must be a multiple of roi_merge (got {r.roi_grid}, {r.roi_merge})")
+        if r.roi_stem_channels and r.roi_merge & (r.roi_merge - 1):
+            raise ConfigError(f"region.roi_stem_channels needs a power-of-two roi_merge (got {r.roi_merge})")
         if not 1 <= s.steps <= s.caption_len:
             raise ConfigError(f"decoding.steps must be in 1..caption_len={s.caption_len} (got {s.steps})")
         for name, tok in (("mask_token_id", self.mask_token_id), ("eos_token_id", self.eos_token_id)):
@@ -204,7 +210,7 @@ def _tiny() -> PDLMConfig:
         decoder=DecoderConfig(d_model=160, n_layers=4, n_heads=4, mlp_hidden_size=432, vocab_size=tiny_vocab_size(),
                               rope_theta=10000.0, max_sequence_length=1024),
         region=RegionConfig(roi_grid=16, roi_merge=4, roi_context=0.15, max_regions=8, span_position_embedding=True,
-                            span_region_query=True),
+                            span_region_query=True, roi_stem_channels=64),
         decoding=DecodingConfig(caption_len=32, steps=32, threshold=0.9),
         mask_token_id=TINY_SPECIAL_TOKENS.index("<|mdm_mask|>"),
         eos_token_id=TINY_SPECIAL_TOKENS.index("<|endoftext|>"),

@@ -126,6 +126,14 @@ class RegionEncoder(nn.Module):
         self.roi_proj_2 = nn.Linear(d_model, d_model)
         self.geometry = nn.Linear(7, d_model)
         self.prompt = nn.Parameter(torch.randn(cfg.tokens, d_model) * 0.02)  # (R, C), shared by all regions
+        self.stem: nn.Sequential | None = None
+        if cfg.roi_stem_channels:
+            c = cfg.roi_stem_channels
+            layers: list[nn.Module] = [nn.Conv2d(channels, c, 3, padding=1), nn.GELU()]
+            for _ in range(cfg.roi_merge.bit_length() - 1):  # stride 2 until the grid is the token grid
+                layers += [nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GELU()]
+            self.stem = nn.Sequential(*layers)
+            self.stem_proj = nn.Linear(c, d_model)
 
     def sample(self, feature_map: torch.Tensor, image: torch.Tensor, regions: Sequence[PreparedRegion]) -> torch.Tensor:
         """feature_map (Hf, Wf, Cv), image (H, W, 3) uint8 -> samples (N, G, G, Cv + 1 [+ 3])."""
@@ -175,6 +183,9 @@ class RegionEncoder(nn.Module):
         m = self.cfg.roi_merge
         s = samples.reshape(n, g // m, m, g // m, m, ch).permute(0, 1, 3, 2, 4, 5).reshape(n, (g // m) ** 2, m * m * ch)
         tokens = self.roi_proj_2(F.gelu(self.roi_proj_1(s)))  # (N, R, C)
+        if self.stem is not None:
+            conv = self.stem(samples.permute(0, 3, 1, 2))  # (N, c, G/m, G/m)
+            tokens = tokens + self.stem_proj(conv.flatten(2).transpose(1, 2))  # row-major, like the merged tokens
         return tokens + self.geometry(geometry.to(tokens)).unsqueeze(1) + self.prompt.unsqueeze(0)
 
     def forward(self, feature_map: torch.Tensor, image: torch.Tensor, regions: Sequence[PreparedRegion]) -> torch.Tensor:
