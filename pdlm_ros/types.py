@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["RegionInput", "RegionCaption", "FrameStats", "FrameResult"]
+__all__ = ["RegionInput", "RegionCaption", "FrameStats", "FrameResult", "CaptionerLike"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +87,12 @@ class FrameResult:
         stats = {"nfe": self.stats.nfe, "tpf": self.stats.tpf, "tokens": self.stats.tokens,
                  "latency_ms": self.stats.latency_ms.get("total", 0.0), "stages_ms": dict(self.stats.latency_ms)}
         return {"model": self.model_name, "regions": regions, "stats": clean(stats)}
+
+
+class CaptionerLike(Protocol):
+    """What evaluation and replay need of a captioner: `pdlm_ros.Captioner` and every runtime backend fit it."""
+
+    name: str
+
+    def caption(self, image: np.ndarray, regions: list[RegionInput], *, mode: str = ...,
+                steps: int | None = ...) -> FrameResult: ...

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -26,7 +26,7 @@ from pdlm_ros.eval.dlcbench import DLCBench
 from pdlm_ros.eval.judges import Judge, Judgement, QuestionResult, refused_judgement
 from pdlm_ros.eval.questions import Question, build_questions
 from pdlm_ros.eval.scoring import Scores, score_judgements
-from pdlm_ros.types import FrameResult, RegionInput
+from pdlm_ros.types import CaptionerLike, RegionInput
 
 __all__ = ["EvalReport", "evaluate", "evaluate_dlc_bench", "MODES", "REGION_KINDS"]
 
@@ -36,13 +36,6 @@ log = logging.getLogger(__name__)
 MODES = ("parallel", "sequential", "threshold", "nomask")
 REGION_KINDS = ("mask", "box")
 RegionKind = Literal["mask", "box"]
-
-
-class _Captioner(Protocol):
-    name: str
-
-    def caption(self, image: np.ndarray, regions: list[RegionInput], *, mode: str = ...,
-                steps: int | None = ...) -> FrameResult: ...
 
 
 @dataclass(frozen=True)
@@ -162,7 +155,7 @@ def _bench_frames(bench: DLCBench, region_kind: str, limit: int | None) -> Itera
         )
 
 
-def _run(captioner: _Captioner, frames: Iterable[_Frame], judge: Judge, *, dataset: str, mode: str,
+def _run(captioner: CaptionerLike, frames: Iterable[_Frame], judge: Judge, *, dataset: str, mode: str,
          region_kind: str, progress: bool, total: int | None, seed: int | None, steps: int | None) -> EvalReport:
     _check_options(region_kind)
     judge.check()  # fail before any captioning is spent when the judge is down
@@ -216,7 +209,7 @@ def _run(captioner: _Captioner, frames: Iterable[_Frame], judge: Judge, *, datas
         steps=steps)
 
 
-def evaluate(captioner: _Captioner, scenes: Iterable[Scene], judge: Judge, *, mode: str = "parallel",
+def evaluate(captioner: CaptionerLike, scenes: Iterable[Scene], judge: Judge, *, mode: str = "parallel",
              region_kind: RegionKind = "mask", progress: bool = True, limit: int | None = None,
              seed: int | None = None, steps: int | None = None) -> EvalReport:
     """Evaluate on synthetic scenes (all objects of a scene captioned in one call), at most `limit` regions.
@@ -234,7 +227,7 @@ def evaluate(captioner: _Captioner, scenes: Iterable[Scene], judge: Judge, *, mo
                 mode=mode, region_kind=region_kind, progress=progress, total=total, seed=seed, steps=steps)
 
 
-def evaluate_dlc_bench(captioner: _Captioner, bench: DLCBench, judge: Judge, *, mode: str = "parallel",
+def evaluate_dlc_bench(captioner: CaptionerLike, bench: DLCBench, judge: Judge, *, mode: str = "parallel",
                        region_kind: RegionKind = "mask", progress: bool = True, limit: int | None = None,
                        steps: int | None = None) -> EvalReport:
     """Evaluate on a DLC-Bench folder (regions of one image captioned in one call), first `limit` regions."""

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -34,7 +34,7 @@ from pdlm_ros.errors import BagError, ImageInputError, PDLMError, RegionInputErr
 from pdlm_ros.ros import convert as C
 from pdlm_ros.ros import messages as M
 from pdlm_ros.ros.sync import StampSync, SyncCounters
-from pdlm_ros.types import FrameResult, FrameStats, RegionCaption, RegionInput
+from pdlm_ros.types import CaptionerLike, FrameResult, FrameStats, RegionCaption, RegionInput
 from pdlm_ros.viz import draw_captions
 
 __all__ = ["ReplayOptions", "FrameRecord", "SkippedMessage", "ReplayResult", "OUTPUT_BAG", "replay",
@@ -46,13 +46,6 @@ OUTPUT_BAG = "bag"  # OUT/bag/ is the rosbag2 directory (metadata.yaml + bag_0.m
 IMAGE_TYPES = (M.IMAGE, M.COMPRESSED_IMAGE)
 PREVIEW_FRAMES = 6  # annotated frames kept for the HTML report
 PREVIEW_MIN_SIDE = 360  # px; small frames are enlarged for the report so their labels stay readable
-
-
-class _Captioner(Protocol):
-    name: str
-
-    def caption(self, image: np.ndarray, regions: list[RegionInput], *, mode: str = ...,
-                steps: int | None = ...) -> FrameResult: ...
 
 
 @dataclass(frozen=True)
@@ -240,7 +233,7 @@ def _preview(image: np.ndarray, regions: list[RegionCaption]) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------------------ main
-def replay(bag_path: Path | str, out: Path | str, captioner: _Captioner, options: ReplayOptions, *,
+def replay(bag_path: Path | str, out: Path | str, captioner: CaptionerLike, options: ReplayOptions, *,
            overwrite: bool = False, progress: bool = False) -> ReplayResult:
     """Caption every pair of `bag_path` and write `out`/bag; see the module docstring for the rules."""
     t_start = time.perf_counter()
@@ -315,7 +308,7 @@ def replay(bag_path: Path | str, out: Path | str, captioner: _Captioner, options
     return result
 
 
-def _caption_pair(index: int, pair: Any, captioner: _Captioner, options: ReplayOptions, from_mask: bool
+def _caption_pair(index: int, pair: Any, captioner: CaptionerLike, options: ReplayOptions, from_mask: bool
                   ) -> tuple[FrameRecord, FrameResult, np.ndarray | None]:
     (img_msg, img_type), region_msg = pair.image, pair.regions
     image: np.ndarray | None = None
