@@ -228,7 +228,7 @@ def _small() -> PDLMConfig:
         # geometry is the 8b one; only the widths and depths are cut.
         vision=VisionConfig(image_size=384, patch_size=14, hidden_size=256, intermediate_size=1024,
                             num_hidden_layers=4, num_attention_heads=4, max_tiles=4),
-        decoder=DecoderConfig(d_model=384, n_layers=6, n_heads=6, mlp_hidden_size=1152, vocab_size=tiny_vocab_size(),
+        decoder=DecoderConfig(d_model=384, n_layers=4, n_heads=6, mlp_hidden_size=1152, vocab_size=tiny_vocab_size(),
                               rope_theta=10000.0, max_sequence_length=2048),
         region=RegionConfig(roi_grid=8, roi_merge=2, max_regions=16),
         decoding=DecodingConfig(caption_len=32, steps=32, threshold=0.9),
