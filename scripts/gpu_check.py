@@ -11,7 +11,7 @@ crash still leaves what was measured):
             (H 32, D 128, block 48, prefix 1012, N 1/4/8/16, bf16); medians of triton.testing.do_bench
   ort       ONNX Runtime (CUDA provider if present, else CPU) vs PyTorch on the tiny export
   tensorrt  only if TensorRT imports: build-engine + caption parity on the tiny export
-  bench     `pdlm-ros bench --preset 8b --device cuda --dtype bfloat16 --regions 1,4,8,16`, if the command exists
+  bench     `pdlm-ros bench --preset 8b --device cuda --dtype bfloat16 --regions 1,4,8,16`
 Output: gpu_check.json and gpu_check.md under --out.
 """
 
@@ -301,18 +301,12 @@ def tensorrt_parity() -> dict[str, Any]:
 
 
 def bench(check: Check) -> dict[str, Any]:
-    if importlib.util.find_spec("pdlm_ros.cli.bench") is None:
-        return {"status_detail": "pdlm_ros/cli/bench.py does not exist in this tree"}
-    cmd = [sys.executable, "-c", "import sys; from pdlm_ros.cli import main; sys.exit(main())", "bench"]
-    help_text = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
-    args = ["--preset", "8b", "--device", DEVICE, "--dtype", "bfloat16", "--regions", "1,4,8,16"]
-    if "--json" in help_text:
-        args += ["--json", str(check.out / "bench.json")]
-    if "--plot" in help_text:
-        args += ["--plot", str(check.out / "bench.png")]
+    cmd = [sys.executable, "-m", "pdlm_ros.cli", "bench"]
     timeout = max(30.0, check.left() - 15)
-    if "--max-cell-seconds" in help_text:  # 4 region counts x up to 6 modes must fit what is left (after loading)
-        args += ["--max-cell-seconds", f"{max(2.0, (timeout - 120) / 24 / 1.5):.0f}"]
+    # 4 region counts x 6 modes must fit what is left after loading the 8b model.
+    args = ["--preset", "8b", "--device", DEVICE, "--dtype", "bfloat16", "--regions", "1,4,8,16",
+            "--json", str(check.out / "bench.json"), "--plot", str(check.out / "bench.png"),
+            "--max-cell-seconds", f"{max(2.0, (timeout - 120) / 24 / 1.5):.0f}"]
     try:
         proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check of the deployment path; at most 8 minutes. See scripts/gpu_check.py for the steps.
 #   scripts/gpu_check.sh [OUT_DIR]      (default: $OUT when set, else out/gpu_check)
-# Writes OUT_DIR/gpu_check.{json,md,log} and, when `pdlm-ros bench` exists, OUT_DIR/bench.{txt,json,png}.
+# Writes OUT_DIR/gpu_check.{json,md,log} and OUT_DIR/bench.{txt,json,png}.
 # Python: the system one when it already has a CUDA PyTorch (the lent GPU machines do, and cannot download);
 # otherwise a venv (.venv-gpu) filled from carried wheels in .whl/ when present, else from the package index.
 set -uo pipefail
