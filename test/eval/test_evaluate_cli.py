@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -18,6 +16,8 @@ from pdlm_ros.eval.dlcbench import DLCBench, rle_encode
 from pdlm_ros.eval.harness import evaluate, evaluate_dlc_bench
 from pdlm_ros.eval.judges import OpenAIJudge, RuleJudge
 from pdlm_ros.eval.questions import build_questions
+
+from .chat_server import ChatServer, chat_reply
 
 
 class Recorder:
@@ -137,40 +137,14 @@ def test_empty_dataset_and_bad_options(rec, scenes):
 
 
 # -------------------------------------------------------------------------------------------------- DLC-Bench path
-class _YesServer:
-    """A local OpenAI-compatible endpoint that answers "Yes" to recognition and "A" to everything else."""
-
-    def __init__(self):
-        self.prompts = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][0]["content"]
-                outer.prompts.append(prompt)
-                text = "Yes" if "Is it likely that" in prompt else "A"
-                data = json.dumps({"choices": [{"message": {"content": text}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def _yes_to_recognition(n, body):
+    """"Yes" to the recognition question, "A" to every multiple-choice one."""
+    return 200, chat_reply("Yes" if "Is it likely that" in body["messages"][0]["content"] else "A")
 
 
 @pytest.fixture
 def yes_server():
-    s = _YesServer()
+    s = ChatServer(_yes_to_recognition)
     yield s
     s.close()
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -15,6 +13,8 @@ from pdlm_ros.data.scenes import ATTRIBUTES, ObjectSpec, generate_scene, render_
 from pdlm_ros.errors import JudgeError
 from pdlm_ros.eval.judges import OpenAIJudge, RuleJudge, parse_choice, recognition_question
 from pdlm_ros.eval.questions import Question, build_questions
+
+from .chat_server import ChatServer, chat_reply
 
 
 @pytest.fixture(scope="module")
@@ -139,45 +139,8 @@ def oracle(prompt: str) -> str:
     return "Yes" if value in words else "B"
 
 
-class _Server:
-    """ThreadingHTTPServer on 127.0.0.1 whose reply to each request comes from `behave(n, body)`."""
-
-    def __init__(self, behave):
-        self.behave = behave
-        self.requests: list[dict] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                status, payload = outer.behave(len(outer.requests), body)
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _chat(text: str) -> dict:
-    return {"choices": [{"message": {"role": "assistant", "content": text}}]}
-
-
 def honest(n, body):
-    return 200, _chat(oracle(body["messages"][0]["content"]))
+    return 200, chat_reply(oracle(body["messages"][0]["content"]))
 
 
 @pytest.fixture
@@ -185,7 +148,7 @@ def server():
     started = []
 
     def start(behave):
-        s = _Server(behave)
+        s = ChatServer(behave)
         started.append(s)
         return s
 
@@ -241,14 +204,14 @@ def test_openai_judge_sends_the_dlc_bench_request(server, scene):
 
 
 def test_openai_judge_unrecognised_object_scores_at_most_zero(server, scene):
-    srv = server(lambda n, body: (200, _chat("No" if n == 1 else oracle(body["messages"][0]["content"]))))
+    srv = server(lambda n, body: (200, chat_reply("No" if n == 1 else oracle(body["messages"][0]["content"]))))
     j = _judge(srv.url).judge("a small solid red circle", build_questions(scene, 0), class_name="circle")
     assert j.recognized is False
     assert all(r.score <= 0 and not r.right for r in j.results) and j.failures == 0
 
 
 def test_openai_judge_garbage_fails_the_question_after_retries(server, scene):
-    srv = server(lambda n, body: (200, _chat("I would rather not say.")))
+    srv = server(lambda n, body: (200, chat_reply("I would rather not say.")))
     qs = build_questions(scene, 0)[:3]
     j = _judge(srv.url, retries=2).judge("a small solid red circle", qs)
     assert len(srv.requests) == 3 * 3  # 1 try + 2 retries per question
