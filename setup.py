@@ -12,6 +12,7 @@ from setuptools import find_packages, setup
 setup(
     name="pdlm_ros",
     version="0.1.0",
+    license="Apache-2.0",
     description="ROS 2 node that captions every region of a camera frame in one parallel denoising pass",
     packages=find_packages(include=["pdlm_ros", "pdlm_ros.*"]),
     package_data={"pdlm_ros": ["assets/default/*", "py.typed"]},
