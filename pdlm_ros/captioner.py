@@ -94,8 +94,12 @@ class Captioner:
         if not 1 <= steps <= dec.caption_len:
             raise ConfigError(f"steps must be in 1..{dec.caption_len} (got {steps})")
         temperature = dec.temperature if temperature is None else temperature
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ConfigError(f"temperature must be a finite number >= 0 (got {temperature})")
         if mode == "threshold":
             threshold = dec.threshold if threshold is None else threshold
+            if not (math.isfinite(threshold) and 0 < threshold <= 1):
+                raise ConfigError(f"threshold must be in (0, 1] (got {threshold})")
         elif threshold is not None:
             raise ConfigError(f"threshold is only used in threshold mode (mode is {mode!r})")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -10,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pdlm_ros.cli._common import add_json_option, add_model_options, emit_json, load_captioner, setup_logging
 from pdlm_ros.errors import ImageInputError, RegionInputError
+from pdlm_ros.model.image import MAX_PIXELS
 from pdlm_ros.types import RegionInput
 
 EXAMPLES = """examples:
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def read_image(path: str) -> np.ndarray:
+    # PIL refuses images over ~179 MP as decompression bombs; this command takes what the model takes.
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with Image.open(path) as img:
             img.load()
@@ -41,6 +44,8 @@ def read_image(path: str) -> np.ndarray:
             return np.asarray(img if img.mode in ("L", "RGB", "RGBA") else img.convert("RGB"))
     except FileNotFoundError:
         raise ImageInputError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as err:
+        raise ImageInputError(f"image {path} is too large: {err}") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ImageInputError(f"cannot read image {path}: {err}") from err
 
