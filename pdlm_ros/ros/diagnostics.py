@@ -35,7 +35,7 @@ def classify_error(message: str) -> str:
 
 
 class Throttle:
-    """Logs a kind of warning at most once per `period_s`, with the number of repeats it held back."""
+    """Logs a kind of message at most once per `period_s`, with the number of repeats it held back."""
 
     def __init__(self, logger: logging.Logger, period_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.logger, self.period_s, self.clock = logger, period_s, clock
@@ -44,6 +44,13 @@ class Throttle:
         self._lock = threading.Lock()
 
     def warning(self, kind: str, msg: str, *args: Any, exc_info: bool = False) -> bool:
+        return self.log(logging.WARNING, kind, msg, *args, exc_info=exc_info)
+
+    def info(self, kind: str, msg: str, *args: Any) -> bool:
+        return self.log(logging.INFO, kind, msg, *args)
+
+    def log(self, level: int, kind: str, msg: str, *args: Any, exc_info: bool = False) -> bool:
+        """Log unless this kind was logged less than `period_s` ago; True when it was logged."""
         now = self.clock()
         with self._lock:
             last = self._last.get(kind)
@@ -53,7 +60,7 @@ class Throttle:
             held, self._held[kind] = self._held[kind], 0
             self._last[kind] = now
         suffix = f" ({held} more like this since the last report)" if held else ""
-        self.logger.warning(msg + suffix, *args, exc_info=exc_info)
+        self.logger.log(level, msg + suffix, *args, exc_info=exc_info)
         return True
 
 

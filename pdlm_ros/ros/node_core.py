@@ -44,6 +44,11 @@ __all__ = ["TopicSpec", "Outputs", "NodeCore", "input_topics", "OUTPUT_TOPICS", 
 
 log = logging.getLogger("pdlm_ros.node")
 
+# An image stream "stopped and came back" when the gap is both this long and this many normal periods: a 30 Hz
+# camera that hiccups for 200 ms is not a restart, a 1 Hz one that skips a frame neither.
+STREAM_GAP_MIN_S = 1.0
+STREAM_GAP_PERIODS = 5.0
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -102,11 +107,12 @@ class NodeCore:
         self.sync: StampSync[Any, Any] = StampSync(params.sync_slop, params.sync_queue_size)
         self.cache = CaptionCache(params.cache_max_age, params.cache_iou_threshold, params.cache_max_tracks)
         self._cond = threading.Condition()
-        self._slot: Pair[Any, Any] | None = None
+        self._slot: tuple[Pair[Any, Any], float] | None = None  # the newest pair and when it became complete
         self._busy = False
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._last_image_at: float | None = None
+        self._image_period: float | None = None  # the last normal interval between images
         self._diag_prev_matched = 0
         self._diag_prev_inputs = (0, 0)
 
@@ -176,15 +182,36 @@ class NodeCore:
             self.throttle.warning("bad_header", "[%s] message without a usable header: %s", self.name, err)
             return
         if is_image:
-            self._last_image_at = self._clock()
+            self._note_image_arrival()
+        resets = self.sync.resets
         pairs = self.sync.add_image(stamp, msg) if is_image else self.sync.add_regions(stamp, msg)
+        if self.sync.resets != resets:
+            self.health.error("publisher_restart")
+            self.throttle.warning("publisher_restart", "[%s] %s stamp %d is more than %.1f s older than the last one: "
+                                  "a restarted publisher, a looping bag or a reset clock; starting a new timeline",
+                                  self.name, "image" if is_image else "regions", stamp, self.sync.reset_after_ns / 1e9)
         for pair in pairs:
             self.health.count("pairs")
             with self._cond:
                 if self._slot is not None:
                     self.health.count("dropped")
-                self._slot = pair
+                self._slot = (pair, self._clock())
                 self._cond.notify()
+
+    def _note_image_arrival(self) -> None:
+        """Count and log an image stream that stopped and came back (a publisher that died and restarted)."""
+        now = self._clock()
+        last, period = self._last_image_at, self._image_period
+        self._last_image_at = now
+        if last is None:
+            return
+        gap = now - last
+        if period is not None and gap > max(STREAM_GAP_MIN_S, STREAM_GAP_PERIODS * period):
+            self.health.error("image_stream_gap")
+            self.throttle.warning("image_stream_gap", "[%s] images resumed after %.1f s without any (the camera "
+                                  "stream stopped; a publisher that died and came back?)", self.name, gap)
+        else:  # the gap itself is not the stream's period
+            self._image_period = gap
 
     def on_image(self, msg: Any) -> None:
         self._input("images_in", msg, True)
@@ -205,11 +232,11 @@ class NodeCore:
             with self._cond:
                 if self._slot is None:
                     self._cond.wait(timeout=max(next_diag - self._clock(), 0.0))
-                pair, self._slot = self._slot, None
-                self._busy = pair is not None
+                item, self._slot = self._slot, None
+                self._busy = item is not None
             try:
-                if pair is not None:
-                    self.process(pair)
+                if item is not None:
+                    self.process(*item)
                 if self._clock() >= next_diag:
                     next_diag = self._clock() + self.params.diagnostics_period
                     self.publish_diagnostics()
@@ -241,10 +268,11 @@ class NodeCore:
                                   f"the image is {width}x{height} px")
         return regions
 
-    def process(self, pair: Pair[Any, Any]) -> Any | None:
+    def process(self, pair: Pair[Any, Any], arrived: float | None = None) -> Any | None:
         """Caption one synced pair and publish it; returns the RegionCaptionArray, or None if the frame was
-        rejected (the reason is logged and counted)."""
-        t0 = self._clock()
+        rejected (the reason is logged and counted). The latency in diagnostics runs from `arrived` (when the pair
+        was complete, so time spent waiting for the worker counts) to the publish."""
+        t0 = self._clock() if arrived is None else arrived
         image_msg = pair.image
         try:
             rgb = (image_from_compressed(image_msg) if image_msg.__msgtype__ == M.COMPRESSED_IMAGE
@@ -260,6 +288,8 @@ class NodeCore:
             return None
         if not regions:
             self.health.count("frames_without_regions")
+            self.throttle.info("no_regions", "[%s] frame %d has no regions (empty detection array or mask): an "
+                               "empty caption array is published", self.name, pair.stamp)
         max_regions = self._max_regions()
         if max_regions and len(regions) > max_regions:
             self.health.count("frames_over_max_regions")

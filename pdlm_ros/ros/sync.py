@@ -93,6 +93,11 @@ class StampSync(Generic[I, R]):
         with self._lock:
             return SyncCounters(**self._n, last_image_stamp=self._last[0], last_regions_stamp=self._last[1])
 
+    @property
+    def resets(self) -> int:
+        """Timeline resets so far (rule 5): cheap to read after every message."""
+        return self._n["resets"]
+
     def pending(self) -> tuple[int, int]:
         """Queued (images, region messages) still waiting for a partner."""
         with self._lock:

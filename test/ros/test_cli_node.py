@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +79,18 @@ def test_core_imports_neither_rclpy_nor_torch_nor_cyclonedds():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_generated_msg_module_is_found_beside_a_source_checkout(tmp_path):
+    """colcon installs the generated `pdlm_ros.msg` in the install tree; pytest run from the source dir puts the
+    source package (which has no `msg` module) first on sys.path. The install tree's `pdlm_ros.msg` must still load."""
+    install = tmp_path / "site-packages" / "pdlm_ros" / "msg"
+    install.mkdir(parents=True)
+    (install / "__init__.py").write_text("class RegionCaptionArray:\n    pass\n")
+    code = ("import sys; sys.path.append(sys.argv[1]); import pdlm_ros, pdlm_ros.msg; "
+            "print(pdlm_ros.msg.RegionCaptionArray.__module__, pdlm_ros.__file__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site-packages")], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    module, package_file = out.stdout.split()
+    assert module == "pdlm_ros.msg" and str(tmp_path) not in package_file  # the source package, msg from install

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import numpy as np
 import pytest
@@ -90,6 +91,30 @@ def test_overload_keeps_newest_and_counts_drops(make_node):
     assert node.sync.pending() == (0, 0)
 
 
+def test_overload_bounds_waiting_and_queues(make_node):
+    """A paced camera faster than the model: a published frame waited for at most the one inference in progress,
+    and nothing queues up (bounded memory). Counted in frames, not seconds."""
+    node, out = make_node(**{"cache.enabled": False, "sync.queue_size": 5})
+    n = 30
+    published_at_arrival, pending = {}, []
+    for k in range(n):
+        image, dets = frame(k * MS, BOXES)
+        node.on_image(image)
+        published_at_arrival[k * MS] = len(out.on("captions"))  # read before the pair completes: conservative
+        node.on_detections(dets)
+        pending.append(node.sync.pending())
+        time.sleep(0.003)
+    assert node.wait_idle(timeout=120)
+    caps = out.on("captions")
+    counts, _ = node.health.snapshot()
+    assert counts["dropped"] == n - len(caps) > 0
+    for i, c in enumerate(caps):  # captions published between this frame's arrival and its own: at most one
+        assert i - published_at_arrival[c.header.stamp.nanosec] <= 1, (i, c.header.stamp.nanosec)
+    assert max(max(p) for p in pending) <= 5
+    values = {kv.key: kv.value for kv in node.publish_diagnostics().status[0].values}
+    assert float(values["latency_p95_ms"]) > 0
+
+
 def _good_after(node, out, stamp):
     before = len(out.on("captions"))
     feed(node, *frame(stamp, BOXES))
@@ -155,12 +180,16 @@ def test_nan_and_out_of_frame_boxes_are_refused_not_dropped(make_node, caplog):
     _good_after(node, out, 20 * MS)
 
 
-def test_empty_detections_give_an_empty_caption_array(make_node):
+def test_empty_detections_give_an_empty_caption_array(make_node, caplog):
     node, out = make_node()
-    feed(node, *frame(10 * MS, []))
+    with caplog.at_level(logging.INFO, logger="pdlm_ros.node"):
+        feed(node, *frame(10 * MS, []))
     (cap,) = out.on("captions")
     assert cap.regions == [] and cap.nfe == 0 and cap.header.stamp.nanosec == 10 * MS
     assert node.health.snapshot()[0]["frames_without_regions"] == 1
+    assert f"frame {10 * MS} has no regions" in caplog.text
+    values = {kv.key: kv.value for kv in node.publish_diagnostics().status[0].values}
+    assert values["frames_without_regions"] == "1"
     _good_after(node, out, 20 * MS)
 
 
@@ -193,11 +222,37 @@ def test_stamps_that_never_match(make_node, caplog):
     _good_after(node, out, 500 * MS)
 
 
-def test_publisher_restart_with_a_new_clock(make_node):
+def test_publisher_restart_with_a_new_clock(make_node, caplog):
     node, out = make_node()
     _good_after(node, out, 5_000_000 * MS)
-    _good_after(node, out, 100 * MS)  # stamps jumped back: the sync resets instead of waiting forever
+    with caplog.at_level(logging.WARNING, logger="pdlm_ros.node"):
+        _good_after(node, out, 100 * MS)  # stamps jumped back: the sync resets instead of waiting forever
     assert node.sync.counters().resets >= 1
+    assert "starting a new timeline" in caplog.text
+    values = {kv.key: kv.value for kv in node.publish_diagnostics().status[0].values}
+    assert int(values["errors.publisher_restart"]) >= 1 and values["sync.resets"] == values["errors.publisher_restart"]
+
+
+def test_image_stream_that_stops_and_comes_back_is_reported(tiny_captioner, caplog):
+    now = [0.0]
+    values = {"decoding.steps": 2, "log.throttle": 0.0, "diagnostics.period": 3600.0}
+    node = NodeCore(NodeParams.from_values(values), RecordingOutputs(None), loader=lambda p: tiny_captioner,
+                    clock=lambda: now[0])
+    node.configure()
+    node.activate()
+    try:
+        with caplog.at_level(logging.WARNING, logger="pdlm_ros.node"):
+            for k in range(5):  # 10 Hz, then a short hiccup that is not a restart
+                now[0] = k * 0.1 + (0.3 if k == 4 else 0.0)
+                feed(node, *frame(k * 100 * MS, BOXES))
+            assert node.health.snapshot()[1]["image_stream_gap"] == 0
+            now[0] += 4.0  # the camera died; a new one comes up with a later clock
+            feed(node, *frame(10_000 * MS, BOXES))
+        assert node.health.snapshot()[1]["image_stream_gap"] == 1
+        assert "images resumed after 4.0 s" in caplog.text
+        assert len(node.outputs.on("captions")) == 6  # every frame captioned, the one after the gap too
+    finally:
+        node.shutdown()
 
 
 def test_instance_mask_source(make_node):
