@@ -51,6 +51,10 @@ from pdlm_ros.data.scenes import ObjectSpec, Scene, render_scene, sample_specs
 from pdlm_ros.errors import BagError, DatasetError
 from pdlm_ros.ros import convert as C
 from pdlm_ros.ros import messages as M
+
+# rosbag2 metadata version of the bags written here. Version 9 stores the QoS profiles as a YAML list, which the
+# rosbag2 of older distros (Humble) fails to parse; version 8 keeps them as a string that every distro reads.
+ROSBAG2_VERSION = 8
 from pdlm_ros.types import RegionInput
 
 __all__ = [
@@ -340,7 +344,7 @@ def write_sample_bag(out: Path | str, spec: SampleBagSpec = SampleBagSpec(), *, 
         writer = Writer1(bag_path)
     else:
         plugin = StoragePlugin.MCAP if spec.storage == "mcap" else StoragePlugin.SQLITE3
-        writer = Writer2(bag_path, version=9, storage_plugin=plugin)
+        writer = Writer2(bag_path, version=ROSBAG2_VERSION, storage_plugin=plugin)
     try:
         with writer:
             conns = {role: writer.add_connection(topics[role], msgtype, typestore=store)

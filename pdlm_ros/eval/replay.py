@@ -4,7 +4,7 @@ Offline and exact, unlike the live node (which keeps only the newest frame): eve
 read in log-time order, paired by header stamp with the node's own `StampSync` (a deep queue, so no pair is lost to
 lateness), and EVERY pair is captioned, so two replays of one bag give the same captions whatever the CPU speed.
 
-The output bag (rosbag2, MCAP, version 9: `ros2 bag play` opens it) holds the input topics that were read, copied
+The output bag (rosbag2 MCAP, metadata version 8, for `ros2 bag play`) holds the input topics that were read, copied
 message for message (ROS 1 input is converted to ROS 2 messages), plus one `pdlm_ros/msg/RegionCaptionArray` per
 pair on `caption_topic`, with the image's header, and optionally an annotated image per pair.
 
@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image as PILImage
 from rosbags.rosbag2 import StoragePlugin, Writer
 
-from pdlm_ros.data.bags import InputBag, TopicInfo, open_bag
+from pdlm_ros.data.bags import ROSBAG2_VERSION, InputBag, TopicInfo, open_bag
 from pdlm_ros.errors import BagError, ImageInputError, PDLMError, RegionInputError
 from pdlm_ros.ros import convert as C
 from pdlm_ros.ros import messages as M
@@ -162,7 +162,7 @@ class _Output:
 
     def __init__(self, path: Path, bag: InputBag) -> None:
         self.bag = bag
-        self.writer = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP)
+        self.writer = Writer(path, version=ROSBAG2_VERSION, storage_plugin=StoragePlugin.MCAP)
         self.writer.open()
         self.conns: dict[str, Any] = {}
         self.counts: dict[str, int] = {}

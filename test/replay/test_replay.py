@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import yaml
 
 from pdlm_ros.data.bags import (
     DETECTIONS_TOPIC,
@@ -55,6 +56,11 @@ def test_sqlite3_and_mcap_bags_replay_to_the_same_captioned_bag(tmp_path, tiny_c
         assert result.storage == storage
         assert len(result.frames) == 3 and result.sync.expired_images == result.sync.expired_regions == 0
         assert (result.out_bag / "metadata.yaml").is_file() and list(result.out_bag.glob("*.mcap"))
+        meta = yaml.safe_load((result.out_bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+        # version 8: QoS profiles as a YAML string, which Humble's rosbag2 parses (version 9's list it does not)
+        assert meta["version"] == 8
+        topics = meta["topics_with_message_count"]
+        assert all(isinstance(t["topic_metadata"]["offered_qos_profiles"], str) for t in topics)
         outputs[storage] = _check_output(result.out_bag, 3)
         assert MASK_TOPIC not in outputs[storage]  # only the topics replay read are copied
     # The same scenes in either storage give identical captions: replay is deterministic.
