@@ -1,6 +1,6 @@
 """The bundled model, end to end on held-out scenes: fails if the model or the pipeline regresses.
 
-Accuracy only: no timing is asserted. The thresholds sit a little under the 400-region figures in the README, since
+Accuracy only: no timing is asserted. The thresholds sit a little under the 300-region figures in the README, since
 this sample is small (about 60 regions).
 """
 
