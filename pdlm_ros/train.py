@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pdlm_ros.errors import CheckpointError, DatasetError
-from pdlm_ros.model.checkpoint import load_pretrained, save_pretrained
+from pdlm_ros.errors import CheckpointError, ConfigError, DatasetError
+from pdlm_ros.model.checkpoint import check_keys, load_pretrained, read_safetensors, save_pretrained
 from pdlm_ros.model.config import preset as get_preset
 from pdlm_ros.model.pdlm import PerceptionDLM
 from pdlm_ros.model.regions import PreparedRegion
@@ -59,6 +59,35 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0 = no time cap
     threads: int = 0  # 0 = torch default
 
+    def validate(self, as_flags: bool = False) -> None:
+        """Raise ConfigError naming the first value out of range (as `--flag` when `as_flags`, for the CLI)."""
+        def name(f: str) -> str:
+            return "--" + f.replace("_", "-") if as_flags else f
+
+        # (field, ok, requirement)
+        checks = [
+            ("steps", self.steps >= 1, "an integer >= 1"),
+            ("scenes_per_step", self.scenes_per_step >= 1, "an integer >= 1"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "between 0 and 1"),
+            ("warmup", self.warmup >= 0, "an integer >= 0"),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            ("grad_clip", self.grad_clip > 0, "a number > 0"),
+            ("noise_draws", self.noise_draws >= 1, "an integer >= 1"),
+            ("box_fraction", 0 <= self.box_fraction <= 1, "between 0 and 1"),
+            ("seed", self.seed >= 0, "an integer >= 0"),
+            ("save_every", self.save_every >= 1, "an integer >= 1"),
+            ("eval_every", self.eval_every >= 0, "an integer >= 0 (0 = no evaluation)"),
+            ("eval_scenes", self.eval_scenes >= 1 or not self.eval_every,
+             "an integer >= 1 when evaluating (set eval_every 0 to skip evaluation)"),
+            ("max_minutes", self.max_minutes >= 0 and not math.isnan(self.max_minutes),
+             "a number >= 0 (0 = no time cap)"),
+            ("threads", self.threads >= 0, "an integer >= 0 (0 = torch default)"),
+        ]
+        for f, ok, requirement in checks:
+            if not ok:
+                raise ConfigError(f"{name(f)} must be {requirement} (got {getattr(self, f)!r})")
+
 
 @dataclass
 class TrainState:
@@ -66,6 +95,14 @@ class TrainState:
     seconds: float = 0.0
     curve: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "seconds"} every few steps
     evals: list[dict] = field(default_factory=list)  # {"step", attribute accuracies}
+    smooth: float | None = None  # running (EMA) loss, so a resumed curve continues the same smoothing
+
+
+_STATE_TYPES = {"step": (int,), "seconds": (int, float), "curve": (list,), "evals": (list,)}
+_OPT_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})  # AdamW's per-parameter state
+# fields whose change makes a resumed run differ from an uninterrupted one (data order, schedule, loss)
+_EXACT_FIELDS = ("preset", "steps", "scenes_per_step", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip",
+                 "noise_draws", "box_fraction", "seed")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -132,21 +169,114 @@ def _save(model: PerceptionDLM, tokenizer, opt: torch.optim.Optimizer, state: Tr
     tmp.rename(out)
 
 
-def _resume(out: Path, model: PerceptionDLM, opt: torch.optim.Optimizer) -> TrainState:
-    """Load weights, optimizer moments and the step counter saved by `_save`."""
+def _read_trainer_state(path: Path) -> tuple[TrainState, dict]:
+    """trainer_state.json -> (state, saved TrainConfig dict); CheckpointError naming what is wrong."""
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {path} is missing")
     try:
-        loaded, _ = load_pretrained(out)
-        meta = json.loads((out / "trainer_state.json").read_text())
-        tensors = load_file(str(out / "optimizer.safetensors"))
-    except (OSError, json.JSONDecodeError, CheckpointError) as err:
-        raise CheckpointError(f"cannot resume from {out}: {err}") from err
-    model.load_state_dict(loaded.state_dict())
-    for i, group in enumerate(opt.param_groups):
-        for j, p in enumerate(group["params"]):
-            st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{i}.{j}.")}
-            if st:
-                opt.state[p] = st
-    return TrainState(**meta["state"])
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot resume: {path} is not readable JSON ({err})") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("state"), dict):
+        raise CheckpointError(f"cannot resume: {path} has no \"state\" object")
+    raw = meta["state"]
+    missing = [k for k in _STATE_TYPES if k not in raw]
+    if missing:
+        raise CheckpointError(f"cannot resume: {path} state lacks {', '.join(missing)}")
+    unexpected = sorted(set(raw) - set(_STATE_TYPES) - {"smooth"})
+    if unexpected:
+        raise CheckpointError(f"cannot resume: {path} state has unexpected keys {', '.join(unexpected)}")
+    for k, types in _STATE_TYPES.items():
+        v = raw[k]
+        if isinstance(v, bool) or not isinstance(v, types):
+            want = " or ".join(t.__name__ for t in types)
+            raise CheckpointError(f"cannot resume: {path} state.{k} must be {want}, got {type(v).__name__} {v!r}")
+    if raw["step"] < 1:
+        raise CheckpointError(f"cannot resume: {path} state.step must be >= 1 (got {raw['step']})")
+    if not math.isfinite(raw["seconds"]) or raw["seconds"] < 0:
+        raise CheckpointError(f"cannot resume: {path} state.seconds must be a finite number >= 0 "
+                              f"(got {raw['seconds']!r})")
+    smooth = raw.get("smooth")
+    if smooth is not None and (isinstance(smooth, bool) or not isinstance(smooth, (int, float))):
+        raise CheckpointError(f"cannot resume: {path} state.smooth must be a number or null, got {smooth!r}")
+    saved_cfg = meta.get("config", {})
+    if not isinstance(saved_cfg, dict):
+        raise CheckpointError(f"cannot resume: {path} \"config\" must be an object, got {type(saved_cfg).__name__}")
+    return TrainState(**raw), saved_cfg
+
+
+def _check_optimizer_state(path: Path, tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+                           trained_steps: int) -> dict[torch.nn.Parameter, dict[str, torch.Tensor]]:
+    """Group the flat `group.param.key` tensors of optimizer.safetensors per parameter, checking every key,
+    index, dtype, shape and step count against `opt` and the trainer state's step."""
+    if not tensors:
+        raise CheckpointError(f"cannot resume: {path} holds no optimizer state")
+    per_param: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        parts = key.split(".", 2)
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() or parts[2] not in _OPT_KEYS:
+            raise CheckpointError(f"cannot resume: {path} has unexpected key {key!r} "
+                                  f"(expected GROUP.PARAM.{{{','.join(sorted(_OPT_KEYS))}}})")
+        i, j = int(parts[0]), int(parts[1])
+        if i >= len(opt.param_groups) or j >= len(opt.param_groups[i]["params"]):
+            raise CheckpointError(f"cannot resume: {path} key {key!r} names a parameter the model does not have "
+                                  f"(different preset?)")
+        if not v.is_floating_point():
+            raise CheckpointError(f"cannot resume: {path} {key} has dtype {v.dtype}; expected a floating type")
+        per_param.setdefault((i, j), {})[parts[2]] = v
+    out = {}
+    for (i, j), st in sorted(per_param.items()):
+        lacking = sorted(_OPT_KEYS - set(st))
+        if lacking:
+            raise CheckpointError(f"cannot resume: {path} lacks {', '.join(f'{i}.{j}.{k}' for k in lacking)}")
+        p = opt.param_groups[i]["params"][j]
+        for k in ("exp_avg", "exp_avg_sq"):
+            if tuple(st[k].shape) != tuple(p.shape):
+                raise CheckpointError(f"cannot resume: {path} {i}.{j}.{k} has shape {tuple(st[k].shape)}, "
+                                      f"the parameter has {tuple(p.shape)}")
+        if st["step"].numel() != 1:
+            raise CheckpointError(f"cannot resume: {path} {i}.{j}.step has shape {tuple(st['step'].shape)}; "
+                                  "expected a scalar")
+        n = float(st["step"])
+        if not (1 <= n <= trained_steps and n == int(n)):
+            raise CheckpointError(f"cannot resume: {path} {i}.{j}.step is {n:g}; expected a whole number from 1 "
+                                  f"to the trainer state's step {trained_steps}")
+        out[p] = {"step": st["step"].reshape(()).clone(),
+                  "exp_avg": st["exp_avg"].to(p.dtype), "exp_avg_sq": st["exp_avg_sq"].to(p.dtype)}
+    return out
+
+
+def _resume(out: Path, model: PerceptionDLM, opt: torch.optim.Optimizer, cfg: TrainConfig | None = None) -> TrainState:
+    """Load weights, optimizer moments and the step counter saved by `_save`, validating each before changing
+    anything; CheckpointError names the file and the problem."""
+    if not out.is_dir():
+        tmp = out.with_name(out.name + ".tmp")
+        hint = f" ({tmp} exists: a save was interrupted; rename it to {out.name} to resume from it)" \
+            if tmp.is_dir() else " (run without --resume to start a new run)"
+        raise CheckpointError(f"nothing to resume: no checkpoint directory at {out}{hint}")
+    state, saved_cfg = _read_trainer_state(out / "trainer_state.json")
+    opt_path = out / "optimizer.safetensors"
+    try:
+        loaded, _ = load_pretrained(out)  # a missing/corrupt model.safetensors, config.json or tokenizer.json
+        weights = loaded.state_dict()
+        check_keys(model.state_dict(), weights, f"{out / 'model.safetensors'}")
+        if not opt_path.is_file():
+            raise CheckpointError(f"{opt_path} is missing")
+        tensors = read_safetensors(opt_path)  # a truncated or foreign file
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot resume: {err}") from err
+    opt_state = _check_optimizer_state(opt_path, tensors, opt, state.step)
+    if cfg is not None:
+        changed = [f"{k} {saved_cfg[k]!r} -> {getattr(cfg, k)!r}" for k in _EXACT_FIELDS
+                   if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
+        if changed:
+            log.warning("resuming with changed settings (%s): the run will differ from an uninterrupted one",
+                        ", ".join(changed))
+    model.load_state_dict(weights)
+    opt.state.clear()
+    for p, st in opt_state.items():
+        opt.state[p] = st
+    return state
 
 
 def quick_eval(model: PerceptionDLM, tokenizer, seeds: list[int]) -> dict[str, float]:  # noqa: ANN001
@@ -176,8 +306,7 @@ def quick_eval(model: PerceptionDLM, tokenizer, seeds: list[int]) -> dict[str, f
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     from pdlm_ros.data.scenes import generate_scene, scene_seeds
 
-    if cfg.steps < 1 or cfg.scenes_per_step < 1:
-        raise DatasetError(f"nothing to train on: steps={cfg.steps}, scenes_per_step={cfg.scenes_per_step}")
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -188,9 +317,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     model = PerceptionDLM(model_cfg, tokenizer.encode(model_cfg.prompt, add_special_tokens=False).ids)
     state = TrainState()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    if resume and ckpt.is_dir():
-        state = _resume(ckpt, model, opt)
+    if resume:
+        state = _resume(ckpt, model, opt, cfg)
         log.info("resumed from %s at step %d", ckpt, state.step)
+        if state.step >= cfg.steps:
+            log.warning("the checkpoint is already at step %d of %d: nothing left to train", state.step, cfg.steps)
     out.mkdir(parents=True, exist_ok=True)
     model.train()
     span, eos = model_cfg.decoding.caption_len, model_cfg.eos_token_id
@@ -198,7 +329,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     eval_seeds = scene_seeds("heldout", cfg.eval_scenes, offset=999_000_000)  # apart from `pdlm-ros eval` seeds
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter() - state.seconds
-    running = None
+    running = state.smooth
     while state.step < cfg.steps:
         step = state.step
         for group in opt.param_groups:
@@ -220,6 +351,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         state.step += 1
         state.seconds = time.perf_counter() - t0
         running = total if running is None else 0.95 * running + 0.05 * total
+        state.smooth = running
         if state.step % 10 == 0 or state.step == 1:
             state.curve.append({"step": state.step, "loss": round(total, 4), "smooth": round(running, 4),
                                 "lr": lr_at(step, cfg), "seconds": round(state.seconds, 1)})
