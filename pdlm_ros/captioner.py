@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "default"
 MODES = ("parallel", "threshold", "sequential", "sequential_nocache", "parallel_nocache", "nomask")
+CACHED_MODES = ("parallel", "threshold", "sequential")  # the modes that decode against the prefix K/V cache
 
 
 class Captioner:
@@ -121,7 +122,7 @@ class Captioner:
                 roi = self.model.roi_tokens(frame, prepared)
                 timings["roi"], mark = self._lap(mark)
                 cache = None
-                if mode in ("parallel", "threshold", "sequential"):
+                if mode in CACHED_MODES:
                     cache = self.model.prefix_cache(frame)
                     timings["prefix"], mark = self._lap(mark)
                 chunk = 1 if mode.startswith("sequential") else self.config.region.max_regions

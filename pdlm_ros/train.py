@@ -136,7 +136,7 @@ def masked_diffusion_loss(model: PerceptionDLM, rgb: np.ndarray, regions: list[P
                           noise_draws: int, generator: torch.Generator) -> torch.Tensor:
     """LLaDA SFT loss for all regions of one frame. targets (N, L)."""
     frame = model.encode_frame(rgb)
-    cache = model.decoder.forward_prefix(frame.prefix)
+    cache = model.prefix_cache(frame)
     roi = model.roi_tokens(frame, regions)  # (N, R, C)
     x0 = targets.repeat(noise_draws, 1)  # (K*N, L)
     roi = roi.repeat(noise_draws, 1, 1)

@@ -532,7 +532,7 @@ def run_bench(cap: Captioner, settings: BenchSettings = BenchSettings(), *, ar: 
     cfg = cap.config
     model = {"name": cap.name, "attn_impl": cap.attn_impl, "dtype": str(cap.model.decoder.wte.weight.dtype),
              "d_model": cfg.decoder.d_model, "n_layers": cfg.decoder.n_layers, "vocab_size": cfg.decoder.vocab_size,
-             "prefix_tokens": _prefix_len(cap, frames[0][0]),
+             "prefix_tokens": flops[0].prefix_len if flops else _prefix_len(cap, frames[0][0]),  # same frame
              "roi_tokens": cfg.region.tokens, "caption_len": cfg.decoding.caption_len, "steps": steps,
              "max_regions": cfg.region.max_regions,
              "parameters": sum(p.numel() for p in cap.model.parameters())}

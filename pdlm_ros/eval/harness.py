@@ -26,6 +26,7 @@ from pdlm_ros.eval.dlcbench import DLCBench
 from pdlm_ros.eval.judges import Judge, Judgement, QuestionResult, refused_judgement
 from pdlm_ros.eval.questions import Question, build_questions
 from pdlm_ros.eval.scoring import Scores, score_judgements
+from pdlm_ros.model.regions import mask_box
 from pdlm_ros.types import CaptionerLike, RegionInput
 
 __all__ = ["EvalReport", "evaluate", "evaluate_dlc_bench", "MODES", "REGION_KINDS"]
@@ -112,13 +113,6 @@ def _check_options(region_kind: str) -> None:
         raise ConfigError(f"unknown region kind {region_kind!r}; expected one of {', '.join(REGION_KINDS)}")
 
 
-def _box_of(mask: np.ndarray) -> tuple[float, float, float, float]:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if not rows.size:
-        return (0.0, 0.0, 0.0, 0.0)
-    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
-
-
 def _region(mask: np.ndarray, box: tuple[float, float, float, float], kind: str, region_id: str,
             index: int) -> RegionInput:
     if kind == "mask":
@@ -148,7 +142,9 @@ def _bench_frames(bench: DLCBench, region_kind: str, limit: int | None) -> Itera
         masks = [bench.mask(item) for item in items]
         yield _Frame(
             image=image,
-            regions=[_region(m, _box_of(m), region_kind, it.ann_id, i) for i, (m, it) in enumerate(zip(masks, items))],
+            # an empty mask gets a zero-area box, which the captioner refuses with its own error
+            regions=[_region(m, mask_box(m) or (0.0, 0.0, 0.0, 0.0), region_kind, it.ann_id, i)
+                     for i, (m, it) in enumerate(zip(masks, items))],
             keys=[it.ann_id for it in items],
             questions=[it.questions for it in items],
             class_names=[it.class_name for it in items],
@@ -171,7 +167,7 @@ def _run(captioner: CaptionerLike, frames: Iterable[_Frame], judge: Judge, *, da
             reason = ""
             t0 = time.perf_counter()
             try:
-                result: FrameResult | None = captioner.caption(frame.image, frame.regions, mode=mode, steps=steps)
+                result = captioner.caption(frame.image, frame.regions, mode=mode, steps=steps)
             except (CheckpointError, ConfigError):
                 raise  # the model or the options are wrong: every frame would fail the same way
             except PDLMError as err:

@@ -29,7 +29,7 @@ from pdlm_ros.data.scenes import Scene, SceneObject
 from pdlm_ros.eval.judges import Judgement, RuleJudge, refused_judgement
 from pdlm_ros.eval.questions import build_questions
 from pdlm_ros.eval.replay import ReplayResult
-from pdlm_ros.eval.scoring import Scores, score_judgements
+from pdlm_ros.eval.scoring import Scores, _mean, score_judgements
 
 __all__ = ["Summary", "TrackStability", "CaptionScores", "ReplayReport", "ReportPaths", "build_report",
            "summarize", "stability", "score_captions", "summary_rows", "write_reports"]
@@ -132,10 +132,6 @@ def _finite(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
     return v
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
 
 
 # --------------------------------------------------------------------------------------------------------- numbers

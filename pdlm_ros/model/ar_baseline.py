@@ -133,7 +133,5 @@ class ARRegionDecoder:
     @torch.inference_mode()
     def caption_regions(self, prefix: torch.Tensor, roi: torch.Tensor, caption_len: int) -> ARDecodeResult:
         """prefix (P, C) embeddings, roi (N, R, C) RoI tokens -> (N, L) greedy tokens (prefix run once)."""
-        if caption_len < 1:
-            raise ConfigError(f"caption_len must be >= 1 (got {caption_len})")
         cache = self.prefix_cache(prefix, roi.shape[1] + caption_len)
         return self.decode_regions(cache, roi, caption_len)

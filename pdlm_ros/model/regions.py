@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pdlm_ros.model.config import RegionConfig
 from pdlm_ros.types import RegionInput
 
-__all__ = ["PreparedRegion", "prepare_regions", "RegionEncoder", "roi_points"]
+__all__ = ["PreparedRegion", "mask_box", "prepare_regions", "RegionEncoder", "roi_points"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,15 @@ class PreparedRegion:
 
 def _fmt_box(box: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:g}" for v in box) + ")"
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """The pixel box (x1, y1, x2, y2), exclusive ends, around a mask's set pixels; None for an empty mask."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    if ys.size == 0:
+        return None
+    xs = np.flatnonzero(mask.any(axis=0))
+    return (float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1))
 
 
 def prepare_regions(regions: Sequence[RegionInput], width: int, height: int) -> tuple[list[PreparedRegion], dict[int, str]]:
@@ -61,12 +70,11 @@ def prepare_regions(regions: Sequence[RegionInput], width: int, height: int) -> 
                 errors[i] = f"mask shape {mask.shape} does not match the {width}x{height} image (expected {(height, width)})"
                 continue
             mask = mask.astype(bool, copy=False)
-            ys = np.flatnonzero(mask.any(axis=1))
-            if ys.size == 0:
+            box = mask_box(mask)
+            if box is None:
                 errors[i] = "mask is empty (no pixel set)"
                 continue
-            xs = np.flatnonzero(mask.any(axis=0))
-            good.append(PreparedRegion(i, (float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)), mask))
+            good.append(PreparedRegion(i, box, mask))
             continue
         if reg.box is None:
             errors[i] = "region has neither a box nor a mask"

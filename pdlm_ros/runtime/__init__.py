@@ -26,7 +26,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from pdlm_ros.captioner import Captioner
+from pdlm_ros.captioner import CACHED_MODES, Captioner
 from pdlm_ros.errors import ConfigError, EngineError
 from pdlm_ros.model.config import PDLMConfig
 from pdlm_ros.model.pdlm import EncodedFrame
@@ -41,7 +41,6 @@ EXPORT_FORMAT = 1
 MANIFEST_NAME = "export.json"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 GRAPHS = ("vision", "regions", "prefix", "step")
-CACHED_MODES = ("parallel", "threshold", "sequential")
 
 
 def torch_dtype(name: str) -> torch.dtype:
