@@ -34,15 +34,13 @@ from pdlm_ros.model.pdlm import PerceptionDLM
 from pdlm_ros.model.regions import PreparedRegion, prepare_regions
 from pdlm_ros.model.sampler import diffusion_decode
 from pdlm_ros.model.tokenizer import build_tiny_tokenizer
-from pdlm_ros.types import FrameResult, FrameStats, RegionCaption, RegionInput
+from pdlm_ros.types import CACHED_MODES, MODES, FrameResult, FrameStats, RegionCaption, RegionInput
 
 __all__ = ["Captioner", "DEFAULT_CHECKPOINT", "MODES"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "default"
-MODES = ("parallel", "threshold", "sequential", "sequential_nocache", "parallel_nocache", "nomask")
-CACHED_MODES = ("parallel", "threshold", "sequential")  # the modes that decode against the prefix K/V cache
 
 
 class Captioner:

@@ -12,7 +12,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["RegionInput", "RegionCaption", "FrameStats", "FrameResult", "CaptionerLike"]
+__all__ = ["MODES", "CACHED_MODES", "RegionInput", "RegionCaption", "FrameStats", "FrameResult", "CaptionerLike"]
+
+# Decoding modes (pdlm_ros.captioner documents each); here so that torch-free modules (node params, CLI) share them.
+MODES = ("parallel", "threshold", "sequential", "sequential_nocache", "parallel_nocache", "nomask")
+CACHED_MODES = ("parallel", "threshold", "sequential")  # the modes that decode against the prefix K/V cache
 
 
 @dataclass(frozen=True)

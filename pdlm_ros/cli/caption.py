@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from pdlm_ros.cli._common import add_json_option, add_model_options, emit_json, load_captioner, setup_logging
 from pdlm_ros.errors import ImageInputError, RegionInputError
 from pdlm_ros.model.image import MAX_PIXELS
-from pdlm_ros.types import RegionInput
+from pdlm_ros.types import MODES, RegionInput
 
 EXAMPLES = """examples:
   pdlm-ros caption scene.png --box 10,20,80,90 --box 100,40,150,120
@@ -23,8 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="image file (PNG, JPEG, ...; grayscale, RGBA and 16-bit are converted)")
     p.add_argument("--box", action="append", default=[], metavar="X1,Y1,X2,Y2", help="a region box in pixels")
     p.add_argument("--mask", action="append", default=[], metavar="PNG", help="a region mask image (non-zero = in)")
-    p.add_argument("--mode", default="parallel",
-                   choices=["parallel", "threshold", "sequential", "sequential_nocache", "parallel_nocache", "nomask"])
+    p.add_argument("--mode", default="parallel", choices=MODES)
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 32)")
     p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy, deterministic)")
     p.add_argument("--seed", type=int, help="seed for temperature sampling")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pdlm_ros.captioner import MODES
+from pdlm_ros.types import MODES
 from pdlm_ros.cli._common import add_json_option, add_model_options, emit_json, load_captioner, setup_logging
 from pdlm_ros.errors import ConfigError
 

@@ -56,8 +56,7 @@ class TopicSpec:
 
     name: str
     msgtype: str
-    handler: str = ""  # NodeCore method for an input
-    sensor: bool = False  # input QoS from `input.qos`; outputs are reliable
+    handler: str = ""  # NodeCore method for an input (inputs get the `input.qos` QoS; outputs are reliable)
 
 
 OUTPUT_TOPICS = (
@@ -68,10 +67,10 @@ OUTPUT_TOPICS = (
 
 
 def input_topics(p: NodeParams) -> list[TopicSpec]:
-    image = (TopicSpec("image/compressed", M.COMPRESSED_IMAGE, "on_compressed", True) if p.input_compressed
-             else TopicSpec("image", M.IMAGE, "on_image", True))
-    regions = (TopicSpec("detections", M.DETECTION_ARRAY, "on_detections", True) if p.regions_source == "detections"
-               else TopicSpec("instance_mask", M.IMAGE, "on_instance_mask", True))
+    image = (TopicSpec("image/compressed", M.COMPRESSED_IMAGE, "on_compressed") if p.input_compressed
+             else TopicSpec("image", M.IMAGE, "on_image"))
+    regions = (TopicSpec("detections", M.DETECTION_ARRAY, "on_detections") if p.regions_source == "detections"
+               else TopicSpec("instance_mask", M.IMAGE, "on_instance_mask"))
     return [image, regions]
 
 

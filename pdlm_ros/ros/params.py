@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from pdlm_ros.errors import ConfigError
+from pdlm_ros.types import MODES
 
 __all__ = ["ParamSpec", "PARAMS", "NodeParams", "load_params_file", "flatten"]
 
-MODES = ("parallel", "threshold", "sequential", "sequential_nocache", "parallel_nocache", "nomask")
 
 
 @dataclass(frozen=True)

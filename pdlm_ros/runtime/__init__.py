@@ -26,13 +26,13 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from pdlm_ros.captioner import CACHED_MODES, Captioner
+from pdlm_ros.captioner import Captioner
 from pdlm_ros.errors import ConfigError, EngineError
 from pdlm_ros.model.config import PDLMConfig
 from pdlm_ros.model.pdlm import EncodedFrame
 from pdlm_ros.model.regions import PreparedRegion, RegionEncoder
 from pdlm_ros.model.vision import make_views, stitch_tiles
-from pdlm_ros.types import FrameResult, RegionInput
+from pdlm_ros.types import CACHED_MODES, FrameResult, RegionInput
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST_NAME", "BACKENDS", "TensorInfo", "GraphInfo", "Manifest", "read_manifest",
            "torch_dtype", "load_export_tokenizer", "Backend", "GraphPrefix", "GraphModel", "GraphCaptioner", "load_captioner"]
