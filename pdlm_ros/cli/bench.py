@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pdlm_ros.cli._common import add_json_option, emit_json, setup_logging
+from pdlm_ros.cli._common import add_json_option, add_threads_option, emit_json, set_threads, setup_logging
 from pdlm_ros.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trained model for the threshold-mode NFE check on held-out scenes ('auto': the bundled "
                         "model when present; 'none': skip)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP/s measurement of the denoising step")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    add_threads_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the frames")
     add_json_option(p)
     p.add_argument("--plot", metavar="PNG", help="draw tokens/s and latency against the number of regions")
@@ -211,10 +211,7 @@ def run(args: argparse.Namespace) -> int:
     from pdlm_ros.eval.bench import BenchSettings, run_bench
 
     setup_logging(args.verbose)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1 (got {args.threads})")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = parse_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.steps is not None and args.steps < 1:

@@ -11,8 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from pdlm_ros.cli._common import setup_logging
-from pdlm_ros.cli.replay import add_threads_option
+from pdlm_ros.cli._common import add_threads_option, setup_logging
 from pdlm_ros.errors import CheckpointError
 
 EXAMPLES = """examples:
@@ -50,7 +49,8 @@ def _captioner(args: argparse.Namespace):  # noqa: ANN202
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdlm_ros.cli.replay import print_summary, set_threads
+    from pdlm_ros.cli._common import set_threads
+    from pdlm_ros.cli.replay import print_summary
     from pdlm_ros.data.bags import SampleBagSpec, load_annotations, write_sample_bag
     from pdlm_ros.eval.replay import ReplayOptions, replay
     from pdlm_ros.eval.report import build_report, summary_rows, write_reports

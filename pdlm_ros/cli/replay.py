@@ -7,8 +7,8 @@ import sys
 from collections.abc import Sequence
 
 from pdlm_ros.types import MODES
-from pdlm_ros.cli._common import add_json_option, add_model_options, emit_json, load_captioner, setup_logging
-from pdlm_ros.errors import ConfigError
+from pdlm_ros.cli._common import (add_json_option, add_model_options, add_threads_option, emit_json, load_captioner,
+                                  set_threads, setup_logging)
 
 EXAMPLES = """examples:
   pdlm-ros replay sample --out replay_out --annotations sample.annotations.json
@@ -44,24 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_option(p)
     add_json_option(p)
     p.add_argument("-v", "--verbose", action="store_true")
-
-
-def add_threads_option(p: argparse.ArgumentParser, default: int | None = None) -> None:
-    p.add_argument("--threads", type=int, default=default, metavar="N",
-                   help="CPU threads for the model" + (f" (default {default})" if default else
-                                                      " (default: torch's, one per core)"))
-
-
-def set_threads(n: int | None) -> None:
-    """Small models gain little from intra-op threads, and on a busy CPU extra threads spin-wait for cores that
-    other work holds: on a loaded 2-core machine 2 threads ran the tiny model ~30x slower than 1."""
-    if n is None:
-        return
-    if n < 1:
-        raise ConfigError(f"--threads must be >= 1 (got {n})")
-    import torch
-
-    torch.set_num_threads(n)
 
 
 def print_summary(rows: Sequence[tuple[str, str]], title: str = "replay summary") -> None:
