@@ -68,27 +68,27 @@ class CaptionCache:
     def __len__(self) -> int:
         return len(self._tracks)
 
-    def lookup(self, region: RegionInput, stamp: int) -> CachedCaption | None:
-        """The cached caption of this region's track if it is still valid at `stamp`, else None."""
-        if not region.region_id:
+    # Both take the region's track id and its `region_box` (computed once per region by the caller: for a mask it
+    # is a scan of the whole mask).
+    def lookup(self, region_id: str, box: Box | None, stamp: int) -> CachedCaption | None:
+        """The cached caption of this track if it is still valid at `stamp` for a region at `box`, else None."""
+        if not region_id or box is None:
             return None
-        hit = self._tracks.get(region.region_id)
-        box = region_box(region)
-        if hit is None or box is None:
+        hit = self._tracks.get(region_id)
+        if hit is None:
             return None
         age = stamp - hit.stamp
         if age < 0 or age > self.max_age_ns or iou(box, hit.box) < self.iou_threshold:
             return None
-        self._tracks.move_to_end(region.region_id)
+        self._tracks.move_to_end(region_id)
         return hit
 
-    def store(self, region: RegionInput, caption: RegionCaption, stamp: int) -> None:
-        """Remember a fresh caption; refused regions and regions without a track id are not stored."""
-        box = region_box(region)
-        if not region.region_id or caption.error or box is None:
+    def store(self, region_id: str, box: Box | None, caption: RegionCaption, stamp: int) -> None:
+        """Remember a fresh caption; refused regions and regions without a track id or box are not stored."""
+        if not region_id or caption.error or box is None:
             return
-        self._tracks[region.region_id] = CachedCaption(caption, box, stamp)
-        self._tracks.move_to_end(region.region_id)
+        self._tracks[region_id] = CachedCaption(caption, box, stamp)
+        self._tracks.move_to_end(region_id)
         while len(self._tracks) > self.max_tracks:
             self._tracks.popitem(last=False)
 

@@ -298,13 +298,14 @@ class NodeCore:
 
         cached: dict[int, tuple[RegionCaption, float]] = {}
         todo: list[int] = []
+        use_cache = self.params.cache_enabled
+        boxes = [region_box(reg) for reg in regions] if use_cache else []
         for i, reg in enumerate(regions):
-            hit = self.cache.lookup(reg, pair.stamp) if self.params.cache_enabled else None
+            hit = self.cache.lookup(reg.region_id, boxes[i], pair.stamp) if use_cache else None
             if hit is None:
                 todo.append(i)
             else:
-                box = region_box(reg) or hit.box
-                cap = dataclasses.replace(hit.caption, index=i, box=box, source_index=reg.source_index,
+                cap = dataclasses.replace(hit.caption, index=i, box=boxes[i], source_index=reg.source_index,
                                           class_id=reg.class_id, score=reg.score, cached=True)
                 cached[i] = (cap, (pair.stamp - hit.stamp) / 1e9)
 
@@ -331,8 +332,8 @@ class NodeCore:
                     self.health.error(classify_error(cap.error))
                     self.throttle.warning(classify_error(cap.error), "[%s] region %d (id %r) of frame %d refused: %s",
                                           self.name, i, cap.region_id, pair.stamp, cap.error)
-                elif self.params.cache_enabled:
-                    self.cache.store(regions[i], cap, pair.stamp)
+                elif use_cache:
+                    self.cache.store(regions[i].region_id, boxes[i], cap, pair.stamp)
 
         merged = [fresh[i] if i in fresh else cached[i][0] for i in range(len(regions))]
         ages = [cached[i][1] if i in cached else 0.0 for i in range(len(regions))]
