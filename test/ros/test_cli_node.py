@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -89,8 +90,9 @@ def test_generated_msg_module_is_found_beside_a_source_checkout(tmp_path):
     (install / "__init__.py").write_text("class RegionCaptionArray:\n    pass\n")
     code = ("import sys; sys.path.append(sys.argv[1]); import pdlm_ros, pdlm_ros.msg; "
             "print(pdlm_ros.msg.RegionCaptionArray.__module__, pdlm_ros.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a sourced ROS 2 workspace has the real one
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site-packages")], capture_output=True,
-                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2], env=env)
     assert out.returncode == 0, out.stderr
     module, package_file = out.stdout.split()
     assert module == "pdlm_ros.msg" and str(tmp_path) not in package_file  # the source package, msg from install
