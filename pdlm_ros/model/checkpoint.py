@@ -9,18 +9,25 @@ Formats read:
   SiglipModel, with or without the `vision_model.` level; a LLaVA-style `model.vision_tower.vision_tower.` prefix is
   accepted). Text-tower and pooling-head keys
   of a full SiglipModel are ignored: the model uses patch features, not the pooled embedding.
+- the released PerceptionDLM hub directory (official layout): see `pdlm_ros.model.hub`.
 Pickle files (.bin, .pt, .pth, .ckpt) are refused: loading them can run arbitrary code.
+
+Whole models load without being materialised twice (`load_streaming`): the model is built on the meta device and
+every tensor is read from its shard straight into place, in the checkpoint's dtype unless another is asked for, so
+the peak is about one copy of the weights (an 8B bf16 checkpoint: ~16 GB, not a random fp32 init plus a dict).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
-from safetensors import SafetensorError
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
@@ -28,11 +35,13 @@ from pdlm_ros.errors import CheckpointError, ConfigError
 from pdlm_ros.model.config import PDLMConfig
 from pdlm_ros.model.decoder import LLaDADecoder
 from pdlm_ros.model.pdlm import PerceptionDLM
-from pdlm_ros.model.tokenizer import load_tokenizer
+from pdlm_ros.model.tokenizer import chat_prompt, load_tokenizer
 from pdlm_ros.model.vision import VisionTower
 
 __all__ = [
     "read_safetensors",
+    "shard_files",
+    "load_streaming",
     "check_keys",
     "decoder_key",
     "load_decoder_weights",
@@ -66,39 +75,133 @@ def _refuse_pickle(path: Path) -> None:
         "Convert it to safetensors (safetensors.torch.save_file) and load that instead.")
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file, or of a directory's shards (index file or every *.safetensors)."""
+def shard_files(path: str | Path) -> list[Path]:
+    """The .safetensors files of a file or directory: the index's shards (each must exist), model.safetensors, or
+    every *.safetensors there. Pickle checkpoints are refused."""
     path = Path(path)
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             _refuse_pickle(path)
-        files = [path]
-    elif path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"malformed shard index {index}: {err}") from err
-            files = [path / name for name in sorted(set(weight_map.values()))]
-        elif (path / "model.safetensors").is_file():
-            files = [path / "model.safetensors"]
-        else:  # unindexed shards; a training run's optimizer state is not model weights
-            files = [p for p in sorted(path.glob("*.safetensors")) if not p.name.startswith("optimizer")]
-        if not files:
-            pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-            if pickles:
-                _refuse_pickle(path / pickles[0])
-            raise CheckpointError(f"no .safetensors file in {path}")
-    else:
+        return [path]
+    if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"malformed shard index {index}: {err}") from err
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: shard(s) listed in model.safetensors.index.json are missing: "
+                                  f"{', '.join(missing)} (an interrupted download?)")
+        return [path / n for n in names]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    # unindexed shards; a training run's optimizer state is not model weights
+    files = [p for p in sorted(path.glob("*.safetensors")) if not p.name.startswith("optimizer")]
+    if not files:
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            _refuse_pickle(path / pickles[0])
+        raise CheckpointError(f"no .safetensors file in {path}")
+    return files
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file, or of a directory's shards, in memory (small files; whole models go
+    through `load_streaming`)."""
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in shard_files(path):
         try:
             tensors.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"cannot read {f} (corrupt or not safetensors): {err}") from err
     return tensors
+
+
+def _open(f: Path):  # noqa: ANN202
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot read {f} (corrupt or not safetensors): {err}") from err
+
+
+def load_streaming(model: nn.Module, files: list[Path], key_fn: Callable[[str], str | None], what: str, *,
+                   dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                   tied: Mapping[str, str] | None = None) -> torch.dtype:
+    """Fill a model built on the meta device from safetensors shards, one tensor at a time.
+
+    key_fn maps a checkpoint key to the model's name (None: not the model's, skipped). Keys and shapes are checked
+    before anything is read. dtype None: the floating dtype that holds most of the checkpoint's elements. `tied`
+    maps a model key missing from the checkpoint to the key whose tensor it shares (an untied head's fallback).
+    Returns the floating dtype used.
+    """
+    expected = model.state_dict()  # meta tensors: names and shapes only
+    index: dict[str, tuple[Path, str]] = {}
+    shapes: dict[str, torch.Tensor] = {}
+    counts: Counter = Counter()
+    for f in files:
+        with _open(f) as h:
+            for k in h.keys():
+                name = key_fn(k)
+                if name is None:
+                    continue
+                sl = h.get_slice(k)
+                shape, dt = sl.get_shape(), _ST_DTYPES.get(sl.get_dtype())
+                if name in index:
+                    raise CheckpointError(f"{what}: {k} and {index[name][1]} both map to {name}")
+                index[name] = (f, k)
+                shapes[name] = torch.empty(shape, device="meta")
+                if dt is not None and dt.is_floating_point:
+                    counts[dt] += int(torch.Size(shape).numel())
+    for dst, src in (tied or {}).items():
+        if dst not in shapes and src in shapes:
+            shapes[dst] = shapes[src]
+    check_keys(expected, shapes, what)
+    if dtype is None:
+        dtype = counts.most_common(1)[0][0] if counts else torch.float32
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (f, k) in index.items():
+        by_file.setdefault(f, []).append((name, k))
+    loaded: dict[str, torch.Tensor] = {}
+    for f, items in by_file.items():
+        with _open(f) as h:
+            part = {}
+            for name, k in items:
+                try:
+                    t = h.get_tensor(k)
+                except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                    raise CheckpointError(f"cannot read {k} from {f} (truncated or corrupt): {err}") from err
+                part[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            model.load_state_dict(part, strict=False, assign=True)
+            loaded.update(part)
+    for dst, src in (tied or {}).items():
+        if dst not in index:
+            model.load_state_dict({dst: loaded[src]}, strict=False, assign=True)
+    _materialise_buffers(model, device)
+    return dtype
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _materialise_buffers(model: nn.Module, device: str | torch.device) -> None:
+    """Non-persistent buffers left on the meta device get their values: position ids (transformers' SigLIP) are
+    ranges; anything else is a buffer this loader does not know, and is an error rather than garbage."""
+    for mod_name, module in model.named_modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is None or not buf.is_meta:
+                continue
+            if name == "position_ids":
+                value = torch.arange(buf.shape[-1], device=device).expand(buf.shape).clone()
+            else:
+                raise CheckpointError(f"buffer {mod_name}.{name} is not in the checkpoint and cannot be rebuilt")
+            module.register_buffer(name, value, persistent=False)
+    model.to(device)
 
 
 def check_keys(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], what: str) -> None:
@@ -183,7 +286,10 @@ def save_pretrained(model: PerceptionDLM, tokenizer: Tokenizer, directory: str |
 
 def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[PerceptionDLM, Tokenizer]:
-    """A PerceptionDLM directory -> (model in eval mode, tokenizer)."""
+    """A checkpoint directory, native or official (the released hub layout) -> (model in eval mode, tokenizer).
+
+    dtype None keeps the checkpoint's dtype.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         if directory.suffix in PICKLE_SUFFIXES:
@@ -192,15 +298,21 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} has no config.json; a PerceptionDLM checkpoint holds config.json, "
                               "model.safetensors and tokenizer.json")
+    from pdlm_ros.model import hub
+
+    data = hub.read_json(directory / "config.json")
+    if hub.is_official(data):
+        return hub.load_official(directory, data, device=device, dtype=dtype)
     try:
-        cfg = PDLMConfig.from_json(directory / "config.json")
-    except ConfigError as err:
+        cfg = PDLMConfig.from_dict(data)
+    except (ConfigError, TypeError) as err:
         raise CheckpointError(f"invalid config in {directory}: {err}") from err
     tokenizer = load_tokenizer(directory)
-    prompt_ids = tokenizer.encode(cfg.prompt, add_special_tokens=False).ids
-    model = PerceptionDLM(cfg, prompt_ids)
-    tensors = read_safetensors(directory)
-    check_keys(model.state_dict(), tensors, f"checkpoint {directory}")
-    model.load_state_dict(tensors)
-    model.to(device=device, dtype=dtype).eval()
-    return model, tokenizer
+    with torch.device("meta"):
+        model = PerceptionDLM(cfg)
+    before, after = chat_prompt(directory, tokenizer, cfg.question)
+    if after is None:
+        after = tokenizer.encode(cfg.prompt, add_special_tokens=False).ids
+    model.set_prompt(after, before)
+    load_streaming(model, shard_files(directory), lambda k: k, f"checkpoint {directory}", dtype=dtype, device=device)
+    return model.eval(), tokenizer

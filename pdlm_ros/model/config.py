@@ -8,6 +8,10 @@ Presets:
   1280x720 frame against 48 per region), with narrow layers so the whole benchmark runs in minutes on a CPU.
 - `8b`: the real shape: SigLIP-2 so400m/14 at 384 px (a 27x27 patch grid) + LLaDA-8B (d 4096, 32 layers).
 
+`layout` says whose rules the model follows: `native` (this package's: the prefix never sees regions) or `official`
+(the released PerceptionDLM's, `pdlm_ros.model.official`; such a config is read from the hub checkpoint's own
+config.json by `pdlm_ros.model.hub`, and carries an `OfficialConfig`).
+
 JSON loading rejects unknown keys with a "did you mean" hint instead of silently keeping a misspelt field.
 """
 
@@ -27,6 +31,8 @@ __all__ = [
     "DecoderConfig",
     "RegionConfig",
     "DecodingConfig",
+    "OfficialConfig",
+    "LAYOUTS",
     "PDLMConfig",
     "PRESETS",
     "preset",
@@ -44,6 +50,7 @@ class VisionConfig:
     num_attention_heads: int = 16
     layer_norm_eps: float = 1e-6
     feature_layer: int = -2  # index into hidden_states; -2 = penultimate layer, as LLaVA-OneVision / LLaDA-V
+    feature_post_norm: bool = False  # apply the encoder's post-layernorm to the features (official layout at -1)
     max_tiles: int = 4  # dynamic-resolution tiles (plus one thumbnail when there is more than one tile)
     unshuffle: int = 2  # pixel unshuffle factor: 2x2 patches -> one token of 4x the channels
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -113,12 +120,37 @@ class DecodingConfig:
 
 
 @dataclass(frozen=True)
+class OfficialConfig:
+    """What only the official layout has (values from the released checkpoint's config and processor files)."""
+
+    prompt_numbers: int = 6  # masks per pass (one learned mask-id embedding each)
+    roi_output_size: tuple[int, int] | None = (4, 4)  # RoI-align grid per region; None = the merged map's size
+    min_tiles: int = 1
+    max_tiles: int = 6
+    system_prompt: str = "You are a helpful assistant."
+    question: str = "Describe the masked region in detail."
+    image_token: str = "<IMG_CONTEXT>"
+    stop_tokens: tuple[str, ...] = ("<|eot_id|>", "<|endoftext|>")  # a caption ends at the first of these
+
+    @property
+    def roi_tokens(self) -> int:
+        if self.roi_output_size is None:
+            raise ConfigError("roi_output_size None (the merged map's size) has no fixed token count")
+        return self.roi_output_size[0] * self.roi_output_size[1]
+
+
+LAYOUTS = ("native", "official")
+
+
+@dataclass(frozen=True)
 class PDLMConfig:
     name: str = "perception-dlm"
     vision: VisionConfig = field(default_factory=VisionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     region: RegionConfig = field(default_factory=RegionConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    layout: str = "native"
+    official: OfficialConfig | None = None  # set exactly when layout == "official"
     mask_token_id: int = 126336
     eos_token_id: int = 126081
     # Shared prompt after the visual tokens. Every region is described against the same prompt; the region itself
@@ -127,9 +159,25 @@ class PDLMConfig:
         "<|start_header_id|>user<|end_header_id|>\n\nDescribe the masked region in detail.<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+    # The user's question when the tokenizer carries a chat template (LLaDA's): the prefix is then the rendered
+    # template with the visual tokens inside the user turn, and `prompt` is not used.
+    question: str = "Describe the masked region in detail."
 
     def __post_init__(self) -> None:
         v, d, r, s = self.vision, self.decoder, self.region, self.decoding
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if (self.layout == "official") != (self.official is not None):
+            raise ConfigError("an official-layout config needs an `official` section, and only it may have one")
+        if self.official is not None:
+            o = self.official
+            if not 1 <= o.prompt_numbers <= 16:
+                raise ConfigError(f"official.prompt_numbers must be in 1..16 (got {o.prompt_numbers})")
+            if not 1 <= o.min_tiles <= o.max_tiles:
+                raise ConfigError(f"official tiles must satisfy 1 <= min_tiles <= max_tiles (got {o.min_tiles}, "
+                                  f"{o.max_tiles})")
+            if o.roi_output_size is not None and min(o.roi_output_size) < 1:
+                raise ConfigError(f"official.roi_output_size must be positive (got {o.roi_output_size})")
         if d.d_model % d.n_heads:
             raise ConfigError(f"decoder.d_model must be divisible by n_heads (got {d.d_model} and {d.n_heads})")
         if d.head_dim % 2:
@@ -140,7 +188,7 @@ class PDLMConfig:
             raise ConfigError(f"region.roi_grid must be a multiple of roi_merge (got {r.roi_grid}, {r.roi_merge})")
         if r.roi_stem_channels and r.roi_merge & (r.roi_merge - 1):
             raise ConfigError(f"region.roi_stem_channels needs a power-of-two roi_merge (got {r.roi_merge})")
-        if not 1 <= s.steps <= s.caption_len:
+        if s.steps < 1 or (self.layout == "native" and s.steps > s.caption_len):
             raise ConfigError(f"decoding.steps must be in 1..caption_len={s.caption_len} (got {s.steps})")
         for name, tok in (("mask_token_id", self.mask_token_id), ("eos_token_id", self.eos_token_id)):
             if not 0 <= tok < d.vocab_size:
@@ -175,7 +223,8 @@ class PDLMConfig:
         return dataclasses.replace(self, **changes)
 
 
-_NESTED = {"vision": VisionConfig, "decoder": DecoderConfig, "region": RegionConfig, "decoding": DecodingConfig}
+_NESTED = {"vision": VisionConfig, "decoder": DecoderConfig, "region": RegionConfig, "decoding": DecodingConfig,
+           "official": OfficialConfig}
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -190,7 +239,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         sub = _NESTED.get(key) if cls is PDLMConfig else None
-        if sub is not None:
+        if sub is not None and value is None and key == "official":
+            pass
+        elif sub is not None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}.{key} must be an object, got {value!r}")
             value = _build(sub, value, f"{where}.{key}")

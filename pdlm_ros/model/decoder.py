@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pdlm_ros.model.attention import dense_attention, region_attention
+from pdlm_ros.model.attention import dense_attention, full_attention, region_attention
 from pdlm_ros.model.config import DecoderConfig
 
 __all__ = ["RMSNorm", "RotaryEmbedding", "LLaDABlock", "LLaDADecoder", "PrefixCache"]
@@ -39,21 +39,29 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE with split-halves rotate_half (LLaDA and Llama agree, so no q/k permutation on import)."""
+    """RoPE with split-halves rotate_half (LLaDA and Llama agree, so no q/k permutation on import).
+
+    The inverse frequencies are not a buffer: `model.to(torch.bfloat16)` casts buffers, and bf16 frequencies put
+    the rotation of late positions off by whole radians. They are rebuilt in fp32 at every call (D/2 numbers), and
+    cos/sin and the rotation itself are computed in fp32 whatever the model's dtype (`rope_full_precision`).
+    """
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim = head_dim
+        self.theta = theta
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, D/2)
+        """positions (T,) -> cos, sin (T, D) in fp32."""
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponent)  # (D/2,)
+        freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
         return emb.cos(), emb.sin()
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (..., T, D); rotation in fp32 (`rope_full_precision`)."""
+        """x (..., T, D); rotation in fp32."""
         xf = x.float()
         x1, x2 = xf.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
@@ -130,7 +138,7 @@ class LLaDADecoder(nn.Module):
             keys.append(k[0])
             values.append(v[0])
             if i < last:  # the last layer's output is never read: only its K/V are
-                h = block.finish(h, F.scaled_dot_product_attention(q, k, v))
+                h = block.finish(h, full_attention(q, k, v))
         return PrefixCache(keys, values)
 
     def forward_regions(self, x: torch.Tensor, cache: PrefixCache, attn_impl: str = "shared_prefix") -> torch.Tensor:

@@ -6,6 +6,10 @@ Attention: the prefix sees the prefix; region k sees the prefix and region k. So
 per frame and every denoising step runs only the N x (R + L) region tokens.
 
 Dims: N regions, R RoI tokens, L caption tokens, P prefix tokens, C decoder width, V vocabulary.
+
+That is the native layout. The official layout (the released PerceptionDLM, `cfg.layout == "official"`) shares the
+vision tower, connector and decoder, has a mask-id embedding in place of the region encoder, and runs by the rules in
+`pdlm_ros.model.official`; the methods below that speak of a prefix cache are the native layout's.
 """
 
 from __future__ import annotations
@@ -50,13 +54,28 @@ class PerceptionDLM(nn.Module):
         self.vision = VisionTower(v)
         self.connector = Connector(v.unshuffle ** 2 * v.hidden_size, d.d_model)
         self.decoder = LLaDADecoder(d)
-        self.region = RegionEncoder(cfg.region, v.hidden_size, d.d_model)
-        if cfg.region.span_position_embedding:
-            self.span_position = nn.Parameter(torch.randn(cfg.decoding.caption_len, d.d_model))  # (L, C), like wte
+        self.region: RegionEncoder | None = None
+        self.span_position: nn.Parameter | None = None
+        self.span_query: nn.Linear | None = None
+        self.mask_id_embedding: nn.Embedding | None = None
+        if cfg.official is not None:  # one learned embedding per mask slot, added inside the vision encoder
+            self.mask_id_embedding = nn.Embedding(cfg.official.prompt_numbers, v.hidden_size)
         else:
-            self.span_position = None
-        self.span_query = nn.Linear(d.d_model, d.d_model) if cfg.region.span_region_query else None
-        self.register_buffer("prompt_ids", torch.tensor(list(prompt_ids), dtype=torch.long), persistent=False)
+            self.region = RegionEncoder(cfg.region, v.hidden_size, d.d_model)
+            if cfg.region.span_position_embedding:
+                self.span_position = nn.Parameter(torch.randn(cfg.decoding.caption_len, d.d_model))  # (L, C)
+            self.span_query = nn.Linear(d.d_model, d.d_model) if cfg.region.span_region_query else None
+        self.set_prompt(prompt_ids)
+
+    def set_prompt(self, prompt_ids: Sequence[int], before_visual: Sequence[int] = ()) -> None:
+        """Token ids of the native prefix's text: `before_visual` (a chat template's opening, BOS first) and
+        `prompt_ids` after the visual tokens."""
+        dev = self.decoder.wte.weight.device
+        dev = torch.device("cpu") if dev.type == "meta" else dev
+        self.register_buffer("prompt_ids", torch.tensor(list(prompt_ids), dtype=torch.long, device=dev),
+                             persistent=False)
+        self.register_buffer("prompt_prefix_ids", torch.tensor(list(before_visual), dtype=torch.long, device=dev),
+                             persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -69,8 +88,10 @@ class PerceptionDLM(nn.Module):
         dtype = self.decoder.wte.weight.dtype
         feats = self.vision(views.pixels.to(self.device, dtype))  # (V, g, g, Cv)
         visual = self.connector(pixel_unshuffle(feats, self.cfg.vision.unshuffle)).flatten(0, 1)  # (Pv, C)
+        before = self.decoder.wte(self.prompt_prefix_ids)  # (Pb, C), empty without a chat template
         prompt = self.decoder.wte(self.prompt_ids)  # (Pt, C)
-        return EncodedFrame(visual, stitch_tiles(feats, views), torch.from_numpy(rgb), torch.cat([visual, prompt]))
+        return EncodedFrame(visual, stitch_tiles(feats, views), torch.from_numpy(rgb),
+                            torch.cat([before, visual, prompt]))
 
     def prefix_cache(self, frame: EncodedFrame) -> PrefixCache:
         return self.decoder.forward_prefix(frame.prefix)

@@ -12,6 +12,10 @@ softmax probability of x0 (low-confidence remasking), then commit per span:
   span always progresses.
 Committed tokens are never remasked. A span that has no masked position left is dropped from later forwards (its
 tokens can no longer change, and regions are independent), which is what lets threshold mode save work.
+
+`global_remask_decode` is the official PerceptionDLM sampler (`generate_with_embeds_nonblock`), a different rule:
+every step fills every masked position, then re-masks the globally least confident caption positions, filled
+earlier or not, on a linear schedule; a full forward every step.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["num_transfer_schedule", "add_gumbel_noise", "DecodeResult", "diffusion_decode"]
+__all__ = ["num_transfer_schedule", "add_gumbel_noise", "DecodeResult", "diffusion_decode", "global_remask_decode"]
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -109,3 +113,43 @@ def diffusion_decode(logits_fn: LogitsFn, num_spans: int, span_len: int, mask_id
         step += 1
         active = active[(x[active] == mask_id).any(1)]
     return DecodeResult(x, conf_out, nfe, commits)
+
+
+def global_remask_decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], num_positions: int, mask_id: int, *,
+                         steps: int, temperature: float = 0.0, generator: torch.Generator | None = None,
+                         device: torch.device | str = "cpu") -> DecodeResult:
+    """The official sampler over M caption positions (all masks' spans, flattened). logits_fn(tokens (M,)) -> (M, V).
+
+    Step s: x0 = argmax of the (optionally Gumbel-perturbed) logits; every masked position takes its x0; unless s is
+    the last step, the int(M * (steps - 1 - s) / steps) positions with the lowest softmax probability of their x0
+    (in float64; filled positions compete too, scored by this step's prediction, not by their token) are masked
+    again. The mask token is not excluded from x0, as in the official code. Returns one span of M tokens.
+    """
+    if num_positions < 1 or steps < 1:
+        raise ValueError(f"need at least one position and one step (got {num_positions}, {steps})")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (got {temperature})")
+    x = torch.full((num_positions,), mask_id, dtype=torch.long, device=device)
+    conf = torch.zeros(num_positions, dtype=torch.float64, device=device)
+    masked = torch.ones(num_positions, dtype=torch.bool, device=device)
+    nfe, commits = 0, []
+    for step in range(steps):
+        if not masked.any():
+            break
+        logits = logits_fn(x).float()  # (M, V)
+        nfe += 1
+        x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)
+        p = torch.softmax(logits.double(), dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # (M,)
+        x = torch.where(masked, x0, x)
+        conf = torch.where(masked, p, conf)
+        commits.append([int(masked.sum())])
+        if step == steps - 1:
+            break
+        k = int(num_positions * ((steps - 1 - step) / steps))
+        if k == 0:
+            break
+        masked = torch.zeros_like(masked)
+        masked[torch.topk(p, k=k, largest=False).indices] = True
+        x = torch.where(masked, torch.full_like(x, mask_id), x)
+        commits[-1] = [commits[-1][0] - k]  # net tokens that stay committed after this step
+    return DecodeResult(x.unsqueeze(0), conf.float().unsqueeze(0), nfe, commits)

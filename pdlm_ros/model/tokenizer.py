@@ -7,13 +7,15 @@ therefore its weight shapes, never change.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from pdlm_ros.errors import CheckpointError
 
-__all__ = ["TINY_SPECIAL_TOKENS", "TINY_WORDS", "tiny_vocab_size", "build_tiny_tokenizer", "load_tokenizer"]
+__all__ = ["TINY_SPECIAL_TOKENS", "TINY_WORDS", "tiny_vocab_size", "build_tiny_tokenizer", "load_tokenizer",
+           "read_chat_template", "chat_prompt"]
 
 # Names follow LLaDA's special tokens so code paths read the same for both tokenizers.
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|mdm_mask|>", "<|unk|>", "<|startoftext|>"]
@@ -49,3 +51,61 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
         raise CheckpointError(f"cannot read tokenizer {path}: {err}") from err
+
+
+_IMAGE_SLOT = "\x00pdlm-image\x00"  # where the visual tokens go in a rendered chat template
+
+
+def read_chat_template(directory: str | Path) -> tuple[str | None, dict]:
+    """The chat template a checkpoint's tokenizer carries (tokenizer_config.json, chat_template.jinja or
+    chat_template.json, as transformers saves them), and tokenizer_config.json's contents."""
+    directory = Path(directory)
+    config: dict = {}
+    path = directory / "tokenizer_config.json"
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"cannot read {path}: {err}") from err
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text()
+    if template is None and (directory / "chat_template.json").is_file():
+        try:
+            template = json.loads((directory / "chat_template.json").read_text()).get("chat_template")
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"cannot read {directory / 'chat_template.json'}: {err}") from err
+    return template, config
+
+
+def chat_prompt(directory: str | Path, tokenizer: Tokenizer, question: str) -> tuple[list[int], list[int] | None]:
+    """Token ids before and after the visual tokens when the tokenizer carries a chat template (LLaDA's: BOS, the
+    user turn holding the image and the question, the assistant header); ([], None) when it carries none.
+
+    The template is rendered with jinja2's sandbox, as transformers does, so its own BOS handling applies; both
+    halves are then tokenized without adding special tokens again.
+    """
+    template, config = read_chat_template(directory)
+    if template is None:
+        return [], None
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def token(name: str) -> str:
+        value = config.get(name) or ""
+        return value.get("content", "") if isinstance(value, dict) else str(value)
+
+    try:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(template).render(
+            messages=[{"role": "user", "content": _IMAGE_SLOT + "\n" + question}], add_generation_prompt=True,
+            bos_token=token("bos_token"), eos_token=token("eos_token"))
+    except TemplateError as err:
+        raise CheckpointError(f"the chat template in {directory} does not render: {err}") from err
+    if text.count(_IMAGE_SLOT) != 1:
+        raise CheckpointError(f"the chat template in {directory} does not place the user's message exactly once")
+    before, after = text.split(_IMAGE_SLOT)
+    enc = tokenizer.encode_batch([before, after], add_special_tokens=False)
+    return enc[0].ids, enc[1].ids

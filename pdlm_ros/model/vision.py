@@ -114,14 +114,20 @@ class VisionTower(nn.Module):
             hf_cfg._attn_implementation = "sdpa"
             self.encoder = Siglip2VisionModel(hf_cfg)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (V, 3, S, S) -> features (V, g, g, Cv) from hidden_states[feature_layer]."""
+    def forward(self, pixels: torch.Tensor, patch_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """pixels (V, 3, S, S) -> features (V, g, g, Cv) from hidden_states[feature_layer].
+
+        patch_bias (V, g*g, Cv), optional: added to the patch embeddings before the position embeddings (the
+        official layout's mask-id embeddings). Fixed-resolution SigLIP only.
+        """
         v, _, s, _ = pixels.shape
         p = self.cfg.patch_size
         g = s // p
         if self.cfg.kind == "siglip":
-            out = self.encoder(pixel_values=pixels, output_hidden_states=True)
+            feats = self._siglip_features(pixels, patch_bias)
         else:
+            if patch_bias is not None:
+                raise ValueError("patch_bias needs the fixed-resolution SigLIP encoder (vision.kind 'siglip')")
             # NaFlex input: patches flattened as (p_row, p_col, channel), all real (no padding slots). Pixels past
             # the last whole patch are dropped, as the fixed-resolution patch conv does.
             pixels = pixels[:, :, : g * p, : g * p]
@@ -130,8 +136,27 @@ class VisionTower(nn.Module):
             shapes = torch.tensor([[g, g]] * v, dtype=torch.long, device=pixels.device)
             out = self.encoder(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes,
                                output_hidden_states=True)
-        feats = out.hidden_states[self.cfg.feature_layer]  # (V, g*g, Cv)
+            feats = out.hidden_states[self.cfg.feature_layer]  # (V, g*g, Cv)
         return feats.reshape(v, g, g, -1)
+
+    def _siglip_features(self, pixels: torch.Tensor, patch_bias: torch.Tensor | None) -> torch.Tensor:
+        """The encoder run by hand up to the layer the features come from: a bias can enter between the patch and
+        the position embeddings, and the layers after `feature_layer` (one, for -2) are not computed."""
+        vm = getattr(self.encoder, "vision_model", self.encoder)  # transformers 5 dropped that level
+        emb = vm.embeddings
+        x = emb.patch_embedding(pixels.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        if patch_bias is not None:
+            x = x + patch_bias.to(x.dtype)
+        x = x + emb.position_embedding(emb.position_ids)  # (V, g*g, Cv) = hidden_states[0]
+        layers = vm.encoder.layers
+        k = self.cfg.feature_layer
+        stop = k % (len(layers) + 1)  # index into [embeddings, layer 1, ..., layer n]
+        for layer in layers[:stop]:
+            out = layer(x, None)
+            x = out[0] if isinstance(out, tuple) else out  # transformers < 4.54 returns a tuple
+        if self.cfg.feature_post_norm:
+            x = vm.post_layernorm(x)
+        return x
 
 
 def stitch_tiles(feats: torch.Tensor, views: Views) -> torch.Tensor:

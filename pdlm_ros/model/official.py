@@ -1,0 +1,376 @@
+"""The official layout: the released PerceptionDLM's rules, reproduced exactly.
+
+The released weights (MSALab/PerceptionDLM; code MSALab-PKU/PerceptionDLM@e1215de) were trained under rules of their
+own, and they only describe regions well under those rules. Every rule below was read from that code and is held by
+parity fixtures recorded by running it (scripts/make_official_fixtures.py, test/model/test_official.py).
+
+Dims: V views, g patches per tile side, Cv vision width, C decoder width, N masks in the pass, T sequence length,
+L caption tokens per mask, M = N * L caption positions.
+
+- Views (InternVL `dynamic_preprocess`): the (cols, rows) grid of 1..max_tiles tiles whose aspect ratio is closest to
+  the frame's; on a tie a later (larger) grid wins when the frame's area exceeds half of that grid's pixel area. The
+  frame is resized (bicubic) onto the grid and cut row-major; a thumbnail (bicubic) is appended LAST when there is
+  more than one tile.
+- Masks are sorted by area, largest first; equal areas put the later mask first (numpy's argsort, reversed). Mask i
+  (in that order) is the i-th prompt: its id embedding, its `<|reserved_token_i|>` and its `<|Mask_Cap_i|>` block.
+- Mask prompts enter the vision encoder: per mask, an image that is 255 outside the mask and i inside is tiled like
+  the frame (bicubic, so a mask grows by about a pixel where the filter rings), and a patch is active when its
+  top-left pixel is not 255; every active patch gets `mask_id_embedding[i]` added to its patch embedding, before the
+  position embedding. Overlapping masks add up.
+- Features come from hidden_states[-2], are 2x2 pixel-shuffled (InternVL's order, which equals
+  `vision.pixel_unshuffle`'s for even grids) and projected by the abstractor (Linear, GELU, Linear).
+- Prompt text: a system turn, a user turn `<img>` + `<IMG_CONTEXT>` x (tokens per view x V) + `</img>`, the
+  `<|reserved_token_i|>` joined by newlines, a newline and the question, then the assistant turn of
+  `<|Mask_Cap_i|>` + `<|mdm_mask|>` x L blocks joined by newlines, and a final `<|eot_id|>`. Tokenized with the
+  checkpoint's tokenizer, post-processor included (no BOS is written by the code itself).
+- RoI replay: each `<|reserved_token_i|>` is replaced by a 4x4 RoI-align (aligned, sampling ratio 2) of the
+  abstractor outputs stitched into one map. Two quirks of the official code are reproduced, not fixed:
+  * the map is built from views[1:] whenever there is more than one view, so the FIRST TILE is dropped (not the
+    thumbnail, which comes last) and the thumbnail fills the last grid slot;
+  * the box (mask min/max pixel over width/height, the max pixel inclusive) is scaled to feature units and then
+    scaled again by RoI-align's spatial_scale (1/32 in the generation path; training used 1/28), so RoI tokens sample
+    a small area near the top-left corner of the map.
+- Positions are plain 0..T-1.
+- Attention (`attention_rule`): only caption-block queries are restricted, to their own block (from its
+  `<|Mask_Cap_i|>` up to the next block's, so the newline between blocks belongs to the earlier one, and the final
+  `<|eot_id|>` to the last), the fixed prompt before the first RoI span, the text between the last RoI span and the
+  first block, and their own RoI span. The newlines between RoI spans are hidden from captions. Image, prompt and RoI
+  queries see everything, captions of every region included: there is no exact prefix cache, and regions influence
+  each other.
+- Sampler: `sampler.global_remask_decode`.
+
+Where this package needs a rule the official code does not state, it says so: a box-only region becomes its box
+as a mask; more masks than prompt_numbers go in further passes of at most prompt_numbers (request order), each
+sorted by area as above; a caption ends at its first `<|eot_id|>` or `<|endoftext|>` (the official ParaDLC script
+cuts the whole assistant text at the first `<|eot_id|>`, which empties every later caption once one caption ends
+early; that is a parsing step, not a model rule, and is not copied).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from pdlm_ros.errors import CheckpointError
+from pdlm_ros.model.config import OfficialConfig, PDLMConfig
+from pdlm_ros.model.vision import pixel_unshuffle
+
+__all__ = ["tile_grid", "make_official_views", "area_order", "mask_patches", "mask_boxes", "prompt_text",
+           "SpecialTokens", "roi_align", "merge_tiles", "roi_boxes", "attention_rule", "OfficialSequence",
+           "build_sequence", "OfficialPass", "prepare_pass"]
+
+# The generation path scales boxes with `feat * 16 * 2` (modeling_pdmllm.py, _prepare_inputs_for_generation).
+ROI_SCALE = 32
+
+
+# -- views ---------------------------------------------------------------------------------------------------------
+def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: int) -> tuple[int, int]:
+    """(cols, rows) of the official dynamic tiling. Candidates in the official order: by tile count, and within one
+    count in the iteration order of the same Python set (the tie rule below can depend on it)."""
+    candidates = sorted({(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1)
+                         for j in range(1, n + 1) if min_tiles <= i * j <= max_tiles}, key=lambda r: r[0] * r[1])
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in candidates:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def _views(img: Image.Image, cols: int, rows: int, tile: int) -> list[np.ndarray]:
+    """Tiles row-major, then the thumbnail when there are several tiles; each (tile, tile[, 3]) uint8."""
+    canvas = np.asarray(img.resize((cols * tile, rows * tile), Image.BICUBIC))
+    views = [canvas[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
+    if cols * rows > 1:
+        views.append(np.asarray(img.resize((tile, tile), Image.BICUBIC)))
+    return views
+
+
+def make_official_views(rgb: np.ndarray, cfg: PDLMConfig) -> tuple[torch.Tensor, int, int]:
+    """rgb (H, W, 3) uint8 -> normalised views (V, 3, S, S), cols, rows."""
+    o, v = _official(cfg), cfg.vision
+    h, w = rgb.shape[:2]
+    cols, rows = tile_grid(w, h, o.min_tiles, o.max_tiles, v.image_size)
+    x = torch.from_numpy(np.stack(_views(Image.fromarray(rgb), cols, rows, v.image_size)))
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(v.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(v.image_std).view(1, 3, 1, 1)
+    return (x - mean) / std, cols, rows
+
+
+# -- masks ---------------------------------------------------------------------------------------------------------
+def area_order(masks: Sequence[np.ndarray]) -> list[int]:
+    """Indices of masks by area, largest first; equal areas: the later mask first."""
+    areas = [int(np.count_nonzero(m)) for m in masks]
+    return sorted(range(len(masks)), key=lambda i: (-areas[i], -i))
+
+
+def mask_patches(mask: np.ndarray, prompt_id: int, cols: int, rows: int, tile: int, patch: int) -> np.ndarray:
+    """Active patches (V, g, g) bool of one mask: the visual-prompt image (255 outside, prompt_id inside) tiled like
+    the frame; a patch is active when its top-left pixel is not 255 after the bicubic resize."""
+    prompt = np.full(mask.shape, 255, dtype=np.uint8)
+    prompt[mask] = prompt_id
+    # The official code resizes the prompt as an RGB image; PIL resamples each band alike, so one band is enough.
+    views = _views(Image.fromarray(prompt, mode="L"), cols, rows, tile)
+    return np.stack([v[::patch, ::patch][: tile // patch, : tile // patch] != 255 for v in views])
+
+
+def mask_boxes(masks: Sequence[np.ndarray]) -> list[tuple[float, float, float, float]]:
+    """(x1, y1, x2, y2) of each mask as fractions of the frame: min pixel / size, max pixel (inclusive) / size."""
+    out = []
+    for m in masks:
+        h, w = m.shape
+        ys = np.flatnonzero(m.any(axis=1))
+        xs = np.flatnonzero(m.any(axis=0))
+        out.append((xs[0] / w, ys[0] / h, xs[-1] / w, ys[-1] / h))
+    return out
+
+
+# -- prompt --------------------------------------------------------------------------------------------------------
+def prompt_text(o: OfficialConfig, tokens_per_view: int, views: int, num_masks: int, caption_len: int) -> str:
+    img = "<IMG_CONTEXT>" * (tokens_per_view * views)
+    reserved = "\n".join(f"<|reserved_token_{i}|>" for i in range(num_masks))
+    blocks = "\n".join(f"<|Mask_Cap_{i}|>" + "<|mdm_mask|>" * caption_len for i in range(num_masks))
+    return ("<|start_header_id|>system<|end_header_id|>\n" + o.system_prompt + "<|eot_id|>\n"
+            "<|start_header_id|>user<|end_header_id|>\n" + f"<img>{img}</img>" + reserved + "\n" + o.question
+            + "<|eot_id|>\n" + "<|start_header_id|>assistant<|end_header_id|>\n" + blocks + "<|eot_id|>")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the special tokens the official layout relies on, checked once when a checkpoint loads."""
+
+    image: int
+    mask: int
+    reserved: tuple[int, ...]  # <|reserved_token_i|>, i < prompt_numbers
+    caption: tuple[int, ...]  # <|Mask_Cap_i|>
+    stop: tuple[int, ...]
+
+    @classmethod
+    def from_tokenizer(cls, tok: Tokenizer, cfg: PDLMConfig, where: str) -> "SpecialTokens":
+        o = _official(cfg)
+
+        def need(name: str) -> int:
+            i = tok.token_to_id(name)
+            if i is None:
+                raise CheckpointError(f"the tokenizer in {where} lacks the special token {name!r} that the official "
+                                      "layout needs (is this the released PerceptionDLM tokenizer?)")
+            return i
+
+        fixed = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<img>", "</img>"]
+        for name in fixed:
+            need(name)
+        image = need(o.image_token)
+        mask = need("<|mdm_mask|>")
+        if mask != cfg.mask_token_id:
+            raise CheckpointError(f"the tokenizer in {where} maps <|mdm_mask|> to {mask}, the model's mask id is "
+                                  f"{cfg.mask_token_id}")
+        stop = tuple(i for i in (tok.token_to_id(s) for s in o.stop_tokens) if i is not None)
+        return cls(image, mask, tuple(need(f"<|reserved_token_{i}|>") for i in range(o.prompt_numbers)),
+                   tuple(need(f"<|Mask_Cap_{i}|>") for i in range(o.prompt_numbers)), stop)
+
+
+# -- RoI replay ----------------------------------------------------------------------------------------------------
+def merge_tiles(tokens: torch.Tensor, cols: int, rows: int) -> torch.Tensor:
+    """Abstractor outputs (V, t*t, C) -> the map RoI-align reads, (C, rows*t, cols*t), from views[1:] when V > 1
+    (the official quirk: that drops the first tile and puts the thumbnail in the last slot)."""
+    tiles = tokens[1:] if tokens.shape[0] > 1 else tokens
+    n, tt, c = tiles.shape
+    t = int(round(tt ** 0.5))
+    grid = tiles.reshape(rows, cols, t, t, c).permute(4, 0, 2, 1, 3)  # (C, rows, t, cols, t)
+    return grid.reshape(c, rows * t, cols * t)
+
+
+def roi_boxes(boxes: Sequence[tuple[float, float, float, float]], feat_h: int, feat_w: int) -> torch.Tensor:
+    """Fractional boxes -> the boxes RoI-align receives, (N, 4) fp32, computed as the official code does in float64
+    (to feature units: x * feat_w * ROI_SCALE * (1 / ROI_SCALE)), before RoI-align scales them once more."""
+    orig_h, orig_w = feat_h * ROI_SCALE, feat_w * ROI_SCALE
+    scale = feat_w / orig_w
+    rows = [[x1 * orig_w * scale, y1 * orig_h * scale, x2 * orig_w * scale, y2 * orig_h * scale]
+            for x1, y1, x2, y2 in boxes]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def roi_align(feat: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int], spatial_scale: float,
+              sampling_ratio: int = 2) -> torch.Tensor:
+    """RoI-align with aligned=True, as torchvision.ops.roi_align computes it (written here so that torchvision is
+    not needed at run time). feat (C, H, W), boxes (N, 4) in input units -> (N, C, oh, ow), in fp32.
+
+    Per output bin, sampling_ratio^2 points at the bin's sub-cell centres are read bilinearly and averaged; a point
+    more than one pixel outside the map reads 0, a point in [-1, 0) reads the edge, and a point in the last row or
+    column reads that row or column.
+    """
+    if sampling_ratio < 1:
+        raise ValueError("sampling_ratio must be >= 1 (the adaptive count is not reproduced)")
+    feat = feat.float()
+    c, h, w = feat.shape
+    oh, ow = out_hw
+    s = torch.tensor(spatial_scale, dtype=torch.float32)
+    b = boxes.float() * s - 0.5  # (N, 4)
+    bin_h = (b[:, 3] - b[:, 1]) / oh  # (N,)
+    bin_w = (b[:, 2] - b[:, 0]) / ow
+    sub = (torch.arange(sampling_ratio, dtype=torch.float32) + 0.5)  # (r,)
+    ph = torch.arange(oh, dtype=torch.float32)
+    pw = torch.arange(ow, dtype=torch.float32)
+    # sample coordinates (N, oh, r) and (N, ow, r), the kernel's own expression order
+    ys = b[:, 1, None, None] + ph[None, :, None] * bin_h[:, None, None] + sub[None, None, :] * bin_h[:, None, None] / sampling_ratio
+    xs = b[:, 0, None, None] + pw[None, :, None] * bin_w[:, None, None] + sub[None, None, :] * bin_w[:, None, None] / sampling_ratio
+
+    def axis(v: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        valid = (v >= -1.0) & (v <= size)
+        v = v.clamp(min=0.0)
+        low = v.floor().long()
+        at_end = low >= size - 1
+        low = torch.where(at_end, torch.full_like(low, size - 1), low)
+        high = torch.where(at_end, low, low + 1)
+        v = torch.where(at_end, low.float(), v)
+        frac = v - low.float()
+        return low, high, frac, valid
+
+    y0, y1, ly, vy = axis(ys, h)  # (N, oh, r)
+    x0, x1, lx, vx = axis(xs, w)  # (N, ow, r)
+    n = boxes.shape[0]
+
+    def gather(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:  # -> (N, C, oh, r, ow, r)
+        flat = yi[:, :, :, None, None] * w + xi[:, None, None, :, :]  # (N, oh, r, ow, r)
+        return feat.reshape(c, h * w)[:, flat.reshape(-1)].reshape(c, n, oh, sampling_ratio, ow,
+                                                                     sampling_ratio).transpose(0, 1)
+
+    hy, hx = (1 - ly)[:, None, :, :, None, None], (1 - lx)[:, None, None, None, :, :]
+    ly_, lx_ = ly[:, None, :, :, None, None], lx[:, None, None, None, :, :]
+    val = (hy * hx * gather(y0, x0) + hy * lx_ * gather(y0, x1) + ly_ * hx * gather(y1, x0)
+           + ly_ * lx_ * gather(y1, x1))
+    valid = (vy[:, :, :, None, None] & vx[:, None, None, :, :]).unsqueeze(1)  # (N, 1, oh, r, ow, r)
+    val = torch.where(valid, val, torch.zeros(()))
+    return val.sum(dim=(3, 5)) / float(sampling_ratio * sampling_ratio)
+
+
+# -- sequence ------------------------------------------------------------------------------------------------------
+@dataclass
+class OfficialSequence:
+    """One pass: token ids after RoI expansion, where everything sits, and the attention rule."""
+
+    ids: torch.Tensor  # (T,) long; RoI positions hold their reserved token id, caption positions the mask id
+    roi_spans: list[tuple[int, int]]  # per mask (start, end) in the expanded sequence
+    caption_spans: list[tuple[int, int]]  # per mask: (start, end) of its L mask positions
+    allowed: torch.Tensor  # (T, T) bool, True = the query (row) may attend the key (column)
+
+    @property
+    def caption_positions(self) -> torch.Tensor:
+        """(M,) positions of every caption token, mask by mask."""
+        return torch.cat([torch.arange(s, e) for s, e in self.caption_spans])
+
+
+def build_sequence(text_ids: Sequence[int], special: SpecialTokens, num_masks: int, roi_tokens: int,
+                   caption_len: int) -> OfficialSequence:
+    """Expand each `<|reserved_token_i|>` of the tokenized prompt to roi_tokens copies; locate the spans."""
+    ids: list[int] = []
+    roi_spans = []
+    for t in text_ids:
+        if t in special.reserved[:num_masks]:
+            roi_spans.append((len(ids), len(ids) + roi_tokens))
+            ids.extend([t] * roi_tokens)
+        else:
+            ids.append(t)
+    if len(roi_spans) != num_masks:
+        raise CheckpointError(f"the tokenizer splits the official prompt unexpectedly: {len(roi_spans)} RoI "
+                              f"placeholders for {num_masks} masks")
+    starts = [ids.index(special.caption[i]) for i in range(num_masks)]
+    caption_spans = [(s + 1, s + 1 + caption_len) for s in starts]
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    return OfficialSequence(ids_t, roi_spans, caption_spans, attention_rule(len(ids), roi_spans, starts))
+
+
+def attention_rule(t: int, roi_spans: Sequence[tuple[int, int]], block_starts: Sequence[int]) -> torch.Tensor:
+    """(T, T) bool. Caption block k (from its <|Mask_Cap_k|> to the next block's, the last to the end) sees itself,
+    the fixed prompt before the first RoI span, the text from the last RoI span's end to the first block, and RoI
+    span k. Every other query sees everything."""
+    allowed = torch.ones(t, t, dtype=torch.bool)
+    fixed = torch.zeros(t, dtype=torch.bool)
+    fixed[: roi_spans[0][0]] = True
+    fixed[roi_spans[-1][1]: block_starts[0]] = True
+    ends = list(block_starts[1:]) + [t]
+    for k, (start, end) in enumerate(zip(block_starts, ends)):
+        row = fixed.clone()
+        row[start:end] = True
+        row[roi_spans[k][0]: roi_spans[k][1]] = True
+        allowed[start:end] = row
+    return allowed
+
+
+# -- one pass of the model -----------------------------------------------------------------------------------------
+@dataclass
+class OfficialPass:
+    """Everything one pass decodes against. `embeds` hold the mask embedding at every caption position."""
+
+    seq: OfficialSequence
+    embeds: torch.Tensor  # (T, C)
+    order: list[int]  # order[i] = index (in the masks given) of the i-th prompt
+    visual: torch.Tensor  # (V, t*t, C) abstractor outputs
+
+    def logits(self, model, tokens: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (PerceptionDLM; import cycle)
+        """Caption tokens (M,) -> logits at the caption positions (M, V), one full forward (official rule)."""
+        pos = self.seq.caption_positions.to(self.embeds.device)
+        x = self.embeds.clone()
+        x[pos] = model.decoder.wte(tokens)
+        return model.decoder.logits(self.hidden(model, x)[pos])
+
+    def hidden(self, model, x: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ANN001
+        """Decoder output (T, C) for inputs x (default: the pass's embeddings, every caption position masked)."""
+        x = self.embeds if x is None else x
+        positions = torch.arange(x.shape[0], device=x.device)
+        return model.decoder.forward_dense(x, positions, self.seq.allowed.to(x.device))
+
+
+def prepare_pass(model, tokenizer: Tokenizer, special: SpecialTokens, rgb: np.ndarray,  # noqa: ANN001
+                 masks: Sequence[np.ndarray], caption_len: int) -> OfficialPass:
+    """Frame (H, W, 3) uint8 and 1..prompt_numbers boolean masks (H, W) -> the pass's sequence and embeddings."""
+    cfg = model.cfg
+    o, v = _official(cfg), cfg.vision
+    if not 1 <= len(masks) <= o.prompt_numbers:
+        raise ValueError(f"a pass takes 1..{o.prompt_numbers} masks (got {len(masks)})")
+    dev, dtype = model.device, model.decoder.wte.weight.dtype
+    pixels, cols, rows = make_official_views(rgb, cfg)
+    order = area_order(masks)
+    masks = [np.asarray(masks[i], dtype=bool) for i in order]
+    views, g = pixels.shape[0], v.grid
+    active = torch.from_numpy(np.stack([mask_patches(m, i, cols, rows, v.image_size, v.patch_size)
+                                        for i, m in enumerate(masks)]))  # (N, V, g, g)
+    active = active.reshape(len(masks), views, g * g, 1).to(dev, model.mask_id_embedding.weight.dtype)
+    ids = model.mask_id_embedding.weight[: len(masks)]  # (N, Cv)
+    bias = (active * ids[:, None, None, :]).sum(0)  # (V, g*g, Cv): overlapping masks add up
+    feats = model.vision(pixels.to(dev, dtype), patch_bias=bias)  # (V, g, g, Cv)
+    visual = model.connector(pixel_unshuffle(feats, v.unshuffle))  # (V, t*t, C)
+
+    fmap = merge_tiles(visual, cols, rows)  # (C, Hf, Wf)
+    out_hw = o.roi_output_size or (fmap.shape[1], fmap.shape[2])
+    boxes = roi_boxes(mask_boxes(masks), fmap.shape[1], fmap.shape[2]).to(dev)
+    roi = roi_align(fmap, boxes, out_hw, spatial_scale=1.0 / ROI_SCALE)  # (N, C, oh, ow)
+    roi = roi.permute(0, 2, 3, 1).reshape(len(masks), out_hw[0] * out_hw[1], -1).to(dtype)  # row-major tokens
+
+    text = prompt_text(o, visual.shape[1], views, len(masks), caption_len)
+    seq = build_sequence(tokenizer.encode(text).ids, special, len(masks), roi.shape[1], caption_len)
+    seq.ids = seq.ids.to(dev)
+    x = model.decoder.wte(seq.ids)  # (T, C)
+    is_image = seq.ids == special.image
+    if int(is_image.sum()) != visual.shape[0] * visual.shape[1]:
+        raise CheckpointError(f"the prompt has {int(is_image.sum())} image tokens for {visual.shape[0]} views of "
+                              f"{visual.shape[1]} tokens: the tokenizer does not keep {o.image_token} whole")
+    x[is_image] = visual.reshape(-1, visual.shape[-1]).to(dtype)
+    for k, (start, end) in enumerate(seq.roi_spans):
+        x[start:end] = roi[k]
+    return OfficialPass(seq, x, order, visual)
+
+
+def _official(cfg: PDLMConfig) -> OfficialConfig:
+    if cfg.official is None:
+        raise ValueError(f"model {cfg.name!r} has the {cfg.layout} layout, not the official one")
+    return cfg.official
