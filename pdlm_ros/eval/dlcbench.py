@@ -1,22 +1,29 @@
-"""Reader for the DLC-Bench folder format (DAM's detailed localized captioning benchmark).
+"""Readers for the two published region-captioning benchmarks, in their official file formats, as they are.
 
-Layout (HF dataset nvidia/DLC-Bench):
+DLC-Bench (DAM; HF dataset nvidia/DLC-Bench, also in PerceptionDLM's evaluation/DLCBench/annotations):
     annotations.json    COCO: images [{id, file_name, height, width}], annotations [{id, image_id, segmentation,
                         bbox, category_id}]; `segmentation` is RLE (counts as a list or COCO's compressed string)
                         or polygons [[x1, y1, x2, y2, ...], ...]
     class_names.json    {ann_id: class name}
     qa.json             {ann_id: [{question, choices: [[text, score], ...], type: positive|negative, subtype?}]}
-    images/             the image files
-(`annotations.json`, `class_names.json` and `qa.json` may also sit in an `annotations/` subfolder.)
+ParaDLC-Bench (PerceptionDLM's evaluation/ParaDLC-Bench/annotations, HF dataset MSALab/ParaDLC-Bench):
+    annotations.json    a list of images [{image_id, file_name, height, width, annotations: [{index, category_name,
+                        bbox, mask_rle: {size, counts}}]}]; a region's key is "{image_id}_{index}"
+    class_names.json    {key: class name} (a superset of qa.json's keys)
+    qa.json             {key: [questions as in DLC-Bench]}
+The regions evaluated are qa.json's keys, in qa.json order (the official scripts do the same); images are read from
+a separate folder (COCO / Objects365 files, not shipped with the annotations). The three JSON files may sit in the
+given folder or in its `annotations/` subfolder.
 
-COCO RLE is decoded here because pycocotools is not a dependency (it needs a C build): the format is small and
-fully specified (column-major runs starting with background; the string form is pycocotools' 6-bit variable-length
-code with deltas from the count two places back).
+RLE is decoded with pycocotools. Its decoder does not check that the runs cover the image (a short counts string
+leaves pixels uninitialised), so list counts are summed first and a compressed string must re-encode to itself:
+pycocotools writes canonical strings, so an official file always does.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,102 +31,78 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as coco_mask
 
 from pdlm_ros.errors import DatasetError
 from pdlm_ros.eval.questions import Question
 
 __all__ = [
+    "BENCHMARKS",
+    "Benchmark",
+    "BenchItem",
+    "BenchSample",
     "DLCBench",
-    "DLCBenchItem",
-    "DLCBenchSample",
+    "ParaDLCBench",
+    "open_benchmark",
     "rle_decode",
     "rle_encode",
-    "rle_counts_from_string",
-    "rle_counts_to_string",
     "polygons_to_mask",
     "decode_segmentation",
 ]
 
 
 # ------------------------------------------------------------------------------------------------------------- RLE
-def rle_counts_from_string(text: str) -> list[int]:
-    """Decode pycocotools' compressed counts string (6-bit chars from '0'; 5 payload bits, 0x20 = more follows,
-    0x10 in the last char = negative; every count after the second is a delta from the count two places back)."""
-    counts: list[int] = []
-    p = 0
-    while p < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            if p >= len(text):
-                raise DatasetError(f"truncated RLE string at char {p}: {text[:40]!r}")
-            c = ord(text[p]) - 48
-            if not 0 <= c < 64:
-                raise DatasetError(f"invalid RLE character {text[p]!r} at {p}")
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            p += 1
-            shift += 5
-            if not more and c & 0x10:
-                value |= -1 << shift  # sign-extend
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
-
-
-def rle_counts_to_string(counts: Sequence[int]) -> str:
-    """Encode counts the way pycocotools does (the inverse of `rle_counts_from_string`)."""
-    out = []
-    for i, count in enumerate(counts):
-        x = int(count) - (int(counts[i - 2]) if i > 2 else 0)
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = x != -1 if c & 0x10 else x != 0
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
+def _decode(rle: dict[str, Any]) -> np.ndarray:
+    with warnings.catch_warnings():
+        # pycocotools 2.0.x's decode trips NumPy 2's __array__(copy=...) deprecation on every call; harmless
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return coco_mask.decode(rle)
 
 
 def rle_decode(rle: dict[str, Any], height: int | None = None, width: int | None = None) -> np.ndarray:
-    """A COCO RLE dict {"size": [h, w], "counts": list | str} -> (h, w) bool mask."""
+    """A COCO RLE dict {"size": [h, w], "counts": list | str | bytes} -> (h, w) bool mask."""
     try:
         h, w = (int(v) for v in rle["size"])
         counts = rle["counts"]
     except (KeyError, TypeError, ValueError) as err:
-        raise DatasetError(f"RLE needs 'size' [h, w] and 'counts' (got keys {sorted(rle)!r})") from err
+        keys = sorted(rle) if isinstance(rle, dict) else type(rle).__name__
+        raise DatasetError(f"RLE needs 'size' [h, w] and 'counts' (got {keys!r})") from err
     if (height is not None and h != height) or (width is not None and w != width):
         raise DatasetError(f"RLE size {h}x{w} does not match the image {height}x{width}")
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != h * w:
+            raise DatasetError(f"RLE counts must be non-negative ints summing to {h * w} pixels for size {h}x{w} "
+                               f"(got {len(counts)} counts summing to {sum(c for c in counts if isinstance(c, int))})")
+        encoded = coco_mask.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+        return _decode(encoded).astype(bool)
     if isinstance(counts, str):
-        counts = rle_counts_from_string(counts)
-    elif not isinstance(counts, list) or not all(isinstance(c, int) for c in counts):
-        raise DatasetError("RLE counts must be a list of ints or a compressed string")
-    if any(c < 0 for c in counts) or sum(counts) != h * w:
-        raise DatasetError(f"RLE counts sum to {sum(counts)} with negative runs {any(c < 0 for c in counts)}; "
-                           f"expected {h * w} pixels for size {h}x{w}")
-    values = np.zeros(len(counts), dtype=bool)
-    values[1::2] = True  # runs alternate background, foreground, ...
-    flat = np.repeat(values, counts)
-    return flat.reshape(w, h).T.copy()  # COCO runs are column-major
+        counts = counts.encode("ascii", errors="replace")
+    if not isinstance(counts, bytes):
+        raise DatasetError(f"RLE counts must be a list of ints or a compressed string (got {type(counts).__name__})")
+    try:
+        mask = _decode({"size": [h, w], "counts": counts})
+    except ValueError as err:
+        raise DatasetError(f"RLE counts {counts[:40]!r} are not a valid {h}x{w} mask: {err}") from err
+    if coco_mask.encode(np.asfortranarray(mask))["counts"] != counts:
+        raise DatasetError(f"RLE counts {counts[:40]!r} do not cover the {h}x{w} image (truncated or not written "
+                           "by pycocotools)")
+    return mask.astype(bool)
 
 
 def rle_encode(mask: np.ndarray, compressed: bool = True) -> dict[str, Any]:
-    """(h, w) bool mask -> COCO RLE dict; counts as the compressed string or as a list."""
+    """(h, w) bool mask -> COCO RLE dict; counts as the compressed string (pycocotools) or as a list."""
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise DatasetError(f"mask must be 2-D (got shape {mask.shape})")
-    flat = mask.T.reshape(-1)
+    if compressed:
+        rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": rle["counts"].decode("ascii")}
+    flat = mask.T.reshape(-1)  # COCO runs are column-major, starting with background
     edges = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-    bounds = np.concatenate([[0], edges, [flat.size]])
-    counts = np.diff(bounds).tolist()
+    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
     if flat.size and flat[0]:
         counts = [0, *counts]
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])],
-            "counts": rle_counts_to_string(counts) if compressed else counts}
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
 def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
@@ -143,13 +126,14 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
                        "a list of polygons")
 
 
-# ----------------------------------------------------------------------------------------------------------- reader
+# ---------------------------------------------------------------------------------------------------------- readers
 @dataclass(frozen=True)
-class DLCBenchItem:
+class BenchItem:
     """One benchmark region, without pixels (they are read on demand)."""
 
-    ann_id: str
-    image_file: str  # path relative to the images/ folder
+    ann_id: str  # the region's key in qa.json
+    image_key: str  # the image it belongs to (COCO image id / ParaDLC image_id)
+    image_file: str  # path relative to the images folder
     height: int
     width: int
     segmentation: Any
@@ -158,7 +142,7 @@ class DLCBenchItem:
 
 
 @dataclass(frozen=True)
-class DLCBenchSample:
+class BenchSample:
     """One benchmark region with pixels: image (H, W, 3) uint8 RGB and mask (H, W) bool."""
 
     image: np.ndarray
@@ -168,13 +152,13 @@ class DLCBenchSample:
     questions: list[Question]
 
 
-def _load_json(path: Path) -> Any:
+def _load_json(path: Path, what: str) -> Any:
     if not path.is_file():
-        raise DatasetError(f"DLC-Bench file missing: {path}")
+        raise DatasetError(f"{what} file missing: {path}")
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise DatasetError(f"DLC-Bench file {path} is not valid JSON: {err}") from err
+        raise DatasetError(f"{what} file {path} is not valid JSON: {err}") from err
 
 
 def _find(root: Path, name: str) -> Path:
@@ -194,82 +178,167 @@ def _question(ann_id: str, raw: Any) -> Question:
     if kind not in ("positive", "negative") or not choices:
         raise DatasetError(f"qa.json entry for annotation {ann_id}: type must be positive or negative and choices "
                            f"non-empty (got type {kind!r}, {len(choices)} choices)")
+    if len(choices) > 5:  # the official prompt letters choices A to E
+        raise DatasetError(f"qa.json entry for annotation {ann_id} has {len(choices)} choices; at most 5 (A-E)")
     return Question(kind=kind, attribute="", value="", text=text, choices=choices, subtype=str(raw.get("subtype", "")))
 
 
-class DLCBench:
-    """A DLC-Bench folder. Regions are the annotations listed in qa.json, in qa.json order."""
+class Benchmark:
+    """A benchmark's regions (`items`, in qa.json order) and where their images are."""
 
-    def __init__(self, root: str | Path) -> None:
+    name = ""
+    title = ""
+
+    def __init__(self, root: str | Path, images: str | Path | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DatasetError(f"DLC-Bench folder not found: {self.root}")
-        coco = _load_json(_find(self.root, "annotations.json"))
-        names = _load_json(_find(self.root, "class_names.json"))
-        qa = _load_json(_find(self.root, "qa.json"))
-        if not isinstance(coco, dict) or not isinstance(names, dict) or not isinstance(qa, dict):
-            raise DatasetError(f"{self.root}: annotations.json, class_names.json and qa.json must be JSON objects")
-        try:
-            images = {int(im["id"]): im for im in coco["images"]}
-            anns = {str(a["id"]): a for a in coco["annotations"]}
-        except (KeyError, TypeError, ValueError) as err:
-            raise DatasetError(f"{self.root}/annotations.json is not COCO format (needs images[].id and "
-                               f"annotations[].id): {err}") from err
-        self.images_dir = self.root / "images"
-        items = []
-        for ann_id, raw_questions in qa.items():
-            ann = anns.get(str(ann_id))
-            if ann is None:
-                raise DatasetError(f"qa.json names annotation {ann_id}, which annotations.json lacks")
-            if str(ann_id) not in names:
-                raise DatasetError(f"class_names.json has no class for annotation {ann_id}")
+            raise DatasetError(f"{self.title} annotation folder not found: {self.root}")
+        self.images_dir = Path(images) if images is not None else self.root / "images"
+        self.items: list[BenchItem] = []
+
+    def _questions(self, qa: Any, names: Any) -> Iterator[tuple[str, str, list[Question]]]:
+        """(key, class name, questions) for every qa.json entry, checked against class_names.json."""
+        if not isinstance(qa, dict) or not isinstance(names, dict):
+            raise DatasetError(f"{self.root}: class_names.json and qa.json must be JSON objects")
+        for key, raw_questions in qa.items():
+            if str(key) not in names:
+                raise DatasetError(f"class_names.json has no class for annotation {key}")
             if not isinstance(raw_questions, list):
-                raise DatasetError(f"qa.json entry for annotation {ann_id} must be a list of questions")
-            try:
-                image = images[int(ann["image_id"])]
-                file_name, height, width = str(image["file_name"]), int(image["height"]), int(image["width"])
-                segmentation = ann["segmentation"]
-            except (KeyError, TypeError, ValueError) as err:
-                raise DatasetError(f"annotation {ann_id}: missing image or segmentation ({err})") from err
-            items.append(DLCBenchItem(ann_id=str(ann_id), image_file=file_name, height=height, width=width,
-                                      segmentation=segmentation, class_name=str(names[str(ann_id)]),
-                                      questions=[_question(str(ann_id), q) for q in raw_questions]))
-        self.items: list[DLCBenchItem] = items
+                raise DatasetError(f"qa.json entry for annotation {key} must be a list of questions")
+            yield str(key), str(names[str(key)]), [_question(str(key), q) for q in raw_questions]
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def load_image(self, item: DLCBenchItem) -> np.ndarray:
+    @property
+    def images(self) -> int:
+        return len({item.image_key for item in self.items})
+
+    def load_image(self, item: BenchItem) -> np.ndarray:
         path = self.images_dir / item.image_file
         if not path.is_file():
-            raise DatasetError(f"DLC-Bench image missing: {path}")
+            raise DatasetError(f"{self.title} image missing: {path} (pass the image folder with --images)")
         try:
             with Image.open(path) as im:
                 image = np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only
         except OSError as err:
-            raise DatasetError(f"cannot read DLC-Bench image {path}: {err}") from err
+            raise DatasetError(f"cannot read {self.title} image {path}: {err}") from err
         if image.shape[:2] != (item.height, item.width):
             raise DatasetError(f"{path} is {image.shape[1]}x{image.shape[0]} but annotations.json says "
                                f"{item.width}x{item.height}")
         return image
 
-    def mask(self, item: DLCBenchItem) -> np.ndarray:
+    def mask(self, item: BenchItem) -> np.ndarray:
         try:
             return decode_segmentation(item.segmentation, item.height, item.width)
         except DatasetError as err:
             raise DatasetError(f"annotation {item.ann_id}: {err}") from err
 
-    def __iter__(self) -> Iterator[DLCBenchSample]:
-        for image_file, image, items in self.frames():
-            for item in items:
-                yield DLCBenchSample(image=image, mask=self.mask(item), ann_id=item.ann_id,
-                                     class_name=item.class_name, questions=item.questions)
-
-    def frames(self, limit: int | None = None) -> Iterator[tuple[str, np.ndarray, list[DLCBenchItem]]]:
-        """(image file, image, its regions) per image, first `limit` regions only; each image is read once."""
+    def groups(self, limit: int | None = None) -> list[tuple[str, list[BenchItem]]]:
+        """(image key, its regions in qa.json order) per image, in order of first appearance; first `limit` regions."""
         chosen = self.items if limit is None else self.items[:limit]
-        groups: dict[str, list[DLCBenchItem]] = {}
+        out: dict[str, list[BenchItem]] = {}
         for item in chosen:
-            groups.setdefault(item.image_file, []).append(item)
-        for image_file, items in groups.items():
-            yield image_file, self.load_image(items[0]), items
+            out.setdefault(item.image_key, []).append(item)
+        return list(out.items())
+
+    def frames(self, limit: int | None = None) -> Iterator[tuple[str, np.ndarray, list[BenchItem]]]:
+        """(image file, image, its regions) per image, first `limit` regions only; each image is read once."""
+        for _, items in self.groups(limit):
+            yield items[0].image_file, self.load_image(items[0]), items
+
+    def __iter__(self) -> Iterator[BenchSample]:
+        for _, image, items in self.frames():
+            for item in items:
+                yield BenchSample(image=image, mask=self.mask(item), ann_id=item.ann_id,
+                                  class_name=item.class_name, questions=item.questions)
+
+
+class DLCBench(Benchmark):
+    """A DLC-Bench annotation folder (COCO annotations.json). Images default to `root/images`."""
+
+    name = "dlcbench"
+    title = "DLC-Bench"
+
+    def __init__(self, root: str | Path, images: str | Path | None = None) -> None:
+        super().__init__(root, images)
+        coco = _load_json(_find(self.root, "annotations.json"), self.title)
+        names = _load_json(_find(self.root, "class_names.json"), self.title)
+        qa = _load_json(_find(self.root, "qa.json"), self.title)
+        if not isinstance(coco, dict):
+            raise DatasetError(f"{self.root}/annotations.json must be a COCO JSON object (images, annotations)")
+        try:
+            images_by_id = {str(im["id"]): im for im in coco["images"]}
+            anns = {str(a["id"]): a for a in coco["annotations"]}
+        except (KeyError, TypeError) as err:
+            raise DatasetError(f"{self.root}/annotations.json is not COCO format (needs images[].id and "
+                               f"annotations[].id): {err}") from err
+        for key, class_name, questions in self._questions(qa, names):
+            ann = anns.get(key)
+            if ann is None:
+                raise DatasetError(f"qa.json names annotation {key}, which annotations.json lacks")
+            try:
+                image = images_by_id[str(ann["image_id"])]
+                file_name, height, width = str(image["file_name"]), int(image["height"]), int(image["width"])
+                segmentation = ann["segmentation"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise DatasetError(f"annotation {key}: missing image or segmentation ({err})") from err
+            self.items.append(BenchItem(ann_id=key, image_key=str(ann["image_id"]), image_file=file_name,
+                                        height=height, width=width, segmentation=segmentation,
+                                        class_name=class_name, questions=questions))
+
+
+class ParaDLCBench(Benchmark):
+    """A ParaDLC-Bench annotation folder (a list of images with their masks). Images default to `root/images`."""
+
+    name = "paradlc"
+    title = "ParaDLC-Bench"
+
+    def __init__(self, root: str | Path, images: str | Path | None = None) -> None:
+        super().__init__(root, images)
+        data = _load_json(_find(self.root, "annotations.json"), self.title)
+        names = _load_json(_find(self.root, "class_names.json"), self.title)
+        qa = _load_json(_find(self.root, "qa.json"), self.title)
+        if not isinstance(data, list):
+            raise DatasetError(f"{self.root}/annotations.json must be a list of images (ParaDLC-Bench format); "
+                               f"got a {type(data).__name__}" + (" - is this DLC-Bench?" if isinstance(data, dict)
+                                                                 else ""))
+        regions: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        for n, image in enumerate(data):
+            try:
+                image_id = str(image["image_id"])
+                for ann in image["annotations"]:
+                    regions[f"{image_id}_{ann['index']}"] = (image, ann)
+            except (KeyError, TypeError) as err:
+                raise DatasetError(f"annotations.json image #{n} lacks image_id or annotations[].index "
+                                   f"({err})") from err
+        for key, class_name, questions in self._questions(qa, names):
+            if key not in regions:
+                raise DatasetError(f"qa.json names region {key}, which annotations.json lacks")
+            image, ann = regions[key]
+            try:
+                # The official inference script joins the image folder with the file name's last part.
+                file_name = str(image["file_name"]).split("/")[-1]
+                height, width = int(image["height"]), int(image["width"])
+                segmentation = ann["mask_rle"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise DatasetError(f"region {key}: missing file_name, height, width or mask_rle ({err})") from err
+            self.items.append(BenchItem(ann_id=key, image_key=str(image["image_id"]), image_file=file_name,
+                                        height=height, width=width, segmentation=segmentation,
+                                        class_name=class_name, questions=questions))
+
+    def mask(self, item: BenchItem) -> np.ndarray:
+        if not isinstance(item.segmentation, dict):
+            raise DatasetError(f"region {item.ann_id}: mask_rle must be an RLE dict (got "
+                               f"{type(item.segmentation).__name__})")
+        return super().mask(item)
+
+
+BENCHMARKS: dict[str, type[Benchmark]] = {"paradlc": ParaDLCBench, "dlcbench": DLCBench}
+
+
+def open_benchmark(name: str, annotations: str | Path, images: str | Path | None = None) -> Benchmark:
+    """Read a benchmark's annotation folder by name ("paradlc" or "dlcbench")."""
+    if name not in BENCHMARKS:
+        raise DatasetError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name](annotations, images)

@@ -1,4 +1,4 @@
-"""Caption, judge and score a dataset: the synthetic held-out scenes or a DLC-Bench folder.
+"""Caption, judge and score the synthetic held-out scenes (the published benchmarks: `pdlm_ros.eval.published`).
 
 Every frame is captioned in ONE `Captioner.caption` call with all of its regions (what the node does), so the
 reported NFE/TPF are those of parallel multi-region decoding in the chosen mode. NFE and tokens are summed from the
@@ -22,14 +22,12 @@ from tqdm import tqdm
 
 from pdlm_ros.data.scenes import Scene
 from pdlm_ros.errors import CheckpointError, ConfigError, DatasetError, PDLMError
-from pdlm_ros.eval.dlcbench import DLCBench
 from pdlm_ros.eval.judges import Judge, Judgement, QuestionResult, refused_judgement
 from pdlm_ros.eval.questions import Question, build_questions
 from pdlm_ros.eval.scoring import Scores, score_judgements
-from pdlm_ros.model.regions import mask_box
 from pdlm_ros.types import CaptionerLike, RegionInput
 
-__all__ = ["EvalReport", "evaluate", "evaluate_dlc_bench", "MODES", "REGION_KINDS"]
+__all__ = ["EvalReport", "evaluate", "MODES", "REGION_KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -137,20 +135,6 @@ def _scene_frames(scenes: Iterable[Scene], region_kind: str, limit: int | None) 
         )
 
 
-def _bench_frames(bench: DLCBench, region_kind: str, limit: int | None) -> Iterator[_Frame]:
-    for _, image, items in bench.frames(limit):
-        masks = [bench.mask(item) for item in items]
-        yield _Frame(
-            image=image,
-            # an empty mask gets a zero-area box, which the captioner refuses with its own error
-            regions=[_region(m, mask_box(m) or (0.0, 0.0, 0.0, 0.0), region_kind, it.ann_id, i)
-                     for i, (m, it) in enumerate(zip(masks, items))],
-            keys=[it.ann_id for it in items],
-            questions=[it.questions for it in items],
-            class_names=[it.class_name for it in items],
-        )
-
-
 def _run(captioner: CaptionerLike, frames: Iterable[_Frame], judge: Judge, *, dataset: str, mode: str,
          region_kind: str, progress: bool, total: int | None, seed: int | None, steps: int | None) -> EvalReport:
     _check_options(region_kind)
@@ -221,16 +205,3 @@ def evaluate(captioner: CaptionerLike, scenes: Iterable[Scene], judge: Judge, *,
         total = sum(len(s.objects) for s in scenes)
     return _run(captioner, _scene_frames(scenes, region_kind, limit), judge, dataset="synthetic-heldout",
                 mode=mode, region_kind=region_kind, progress=progress, total=total, seed=seed, steps=steps)
-
-
-def evaluate_dlc_bench(captioner: CaptionerLike, bench: DLCBench, judge: Judge, *, mode: str = "parallel",
-                       region_kind: RegionKind = "mask", progress: bool = True, limit: int | None = None,
-                       steps: int | None = None) -> EvalReport:
-    """Evaluate on a DLC-Bench folder (regions of one image captioned in one call), first `limit` regions."""
-    if limit is not None and limit < 1:
-        raise DatasetError(f"number of regions to evaluate must be >= 1 (got {limit})")
-    if not len(bench):
-        raise DatasetError(f"DLC-Bench folder {bench.root} lists no regions in qa.json")
-    total = len(bench) if limit is None else min(limit, len(bench))
-    return _run(captioner, _bench_frames(bench, region_kind, limit), judge, dataset="dlc-bench", mode=mode,
-                region_kind=region_kind, progress=progress, total=total, seed=None, steps=steps)

@@ -38,7 +38,13 @@ __all__ = [
     "parse_choice",
     "recognition_question",
     "DLC_PROMPT",
+    "PARADLC_PROMPT",
     "format_question",
+    "format_question_official",
+    "paradlc_recognition_question",
+    "parse_choice_official",
+    "chat_completion",
+    "Retryable",
 ]
 
 log = logging.getLogger(__name__)
@@ -242,8 +248,110 @@ def parse_choice(reply: str, choices: Sequence[str]) -> int | None:
     return None
 
 
+# ParaDLC-Bench's judge prompt (PerceptionDLM evaluation/ParaDLC-Bench/eval_gpt_with_image.py): DAM's prompt with
+# "an object in this image", for a judge that also sees the focal crop and its mask.
+PARADLC_PROMPT = DLC_PROMPT.replace("an object in an image.", "an object in this image.", 1)
+
+
+def format_question_official(question: Question) -> str:
+    """The official question block: the question, then "A. choice" lines, stripped as the scripts do."""
+    text = f"{question.text}\n" + "".join(f"{'ABCDE'[i]}. {c}\n" for i, (c, _) in enumerate(question.choices))
+    return text.strip()
+
+
+def paradlc_recognition_question(class_name: str) -> Question:
+    """ParaDLC-Bench's recognition question (asked with the image). Yes -> recognised, No -> not."""
+    text = (f"The object in the image is {class_name}. Based on the image, is it likely that the object in the "
+            f"description is given class: {class_name} or object of a similar type?")
+    return Question(kind="positive", attribute="", value="", text=text, choices=[("Yes", 1.0), ("No", 0.0)],
+                    subtype="recognition")
+
+
+def parse_choice_official(reply: str, choices: Sequence[str]) -> int | None:
+    """The official scripts' `parse_pred`: a judge reply -> choice index, or None (scored 0).
+
+    Order: 1. the reply equals a choice, "x. choice" or the letter x; 2. exactly one choice text occurs in the
+    reply; 3. the reply starts with "x."; 4. several occur: the one whose first occurrence starts last (ties: the
+    longest); 5. the reply occurs inside choices: the longest such choice; 6. a lone leading letter ("x" or
+    "x\n..."). Kept as published, ambiguities included, so scores compare with published ones. One deviation: an
+    empty reply names no choice (the ParaDLC script's step 5 matches "" inside every choice and picks the longest;
+    the DLC-Bench script crashes on it).
+    """
+    pred = reply.strip().lower()
+    if not pred:
+        return None
+    letters = _LETTERS[:len(choices)]
+    found = []
+    for i, choice in enumerate(choices):
+        c = choice.strip().lower()
+        if pred in (c, f"{letters[i]}. {c}", letters[i]):
+            return i
+        if c in pred:
+            found.append((i, pred.index(c), len(c)))
+    if len(found) == 1:
+        return found[0][0]
+    if len(pred) >= 2 and pred[0] in letters and pred[1] == ".":
+        return letters.index(pred[0])
+    if found:
+        last = max(pos for _, pos, _ in found)
+        return max((f for f in found if f[1] == last), key=lambda f: f[2])[0]
+    inside = [(i, len(c.strip())) for i, c in enumerate(choices) if pred in c.strip().lower()]
+    if inside:
+        return max(inside, key=lambda f: f[1])[0]
+    if pred[0] in letters and (len(pred) == 1 or pred[1] == "\n"):
+        return letters.index(pred[0])
+    return None
+
+
 class _Retryable(Exception):
     """A transient failure (connection, timeout, 5xx, 429, unusable body): try again after a pause."""
+
+
+Retryable = _Retryable
+
+
+def chat_completion(base_url: str, model: str, messages: list[dict], *, api_key: str | None = None,
+                    timeout: float = 60.0, temperature: float = 0.0, max_tokens: int = 300) -> str:
+    """One `POST {base_url}/chat/completions`; the reply's text.
+
+    Raises `Retryable` for what may pass (connection errors, timeouts, HTTP 5xx/408/429, a body that is not a chat
+    completion) and JudgeError for what will not (other HTTP 4xx: wrong model name, bad key, a text-only model sent
+    images). Sampling settings are those of the DLC-Bench judge scripts.
+    """
+    url = f"{base_url.rstrip('/')}/chat/completions"
+    body = json.dumps({
+        "model": model,
+        "messages": messages,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "top_p": 1,
+        "frequency_penalty": 0,
+        "presence_penalty": 0,
+    }).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as err:
+        detail = err.read()[:300].decode(errors="replace").strip()
+        if err.code >= 500 or err.code in (408, 429):
+            raise _Retryable(f"HTTP {err.code} from {url}: {detail}") from err
+        raise JudgeError(f"judge endpoint {url} refused the request with HTTP {err.code}: {detail} "
+                         f"(check --judge-model {model!r} and the API key)") from err
+    except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
+            http.client.HTTPException) as err:
+        reason = getattr(err, "reason", err)
+        raise _Retryable(f"cannot reach {url}: {reason}") from err
+    try:
+        content = json.loads(raw)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise _Retryable(f"unusable response from {url} (not an OpenAI chat completion): {raw[:200]!r}") from err
+    if not isinstance(content, str):
+        raise _Retryable(f"unusable response from {url}: message content is {type(content).__name__}")
+    return content
 
 
 @dataclass
@@ -286,39 +394,9 @@ class OpenAIJudge:
 
     # -- transport
     def _post(self, prompt: str, max_tokens: int) -> str:
-        body = json.dumps({
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": self.temperature,
-            "max_tokens": max_tokens,
-            "top_p": 1,
-            "frequency_penalty": 0,
-            "presence_penalty": 0,
-        }).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as err:
-            detail = err.read()[:300].decode(errors="replace").strip()
-            if err.code >= 500 or err.code in (408, 429):
-                raise _Retryable(f"HTTP {err.code} from {self.url}: {detail}") from err
-            raise JudgeError(f"judge endpoint {self.url} refused the request with HTTP {err.code}: {detail} "
-                             f"(check --judge-model {self.model!r} and the API key)") from err
-        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
-                http.client.HTTPException) as err:
-            reason = getattr(err, "reason", err)
-            raise _Retryable(f"cannot reach {self.url}: {reason}") from err
-        try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as err:
-            raise _Retryable(f"unusable response from {self.url}: {raw[:200]!r}") from err
-        if not isinstance(content, str):
-            raise _Retryable(f"unusable response from {self.url}: message content is {type(content).__name__}")
-        return content
+        return chat_completion(self.base_url, self.model, [{"role": "user", "content": prompt}],
+                               api_key=self.api_key, timeout=self.timeout, temperature=self.temperature,
+                               max_tokens=max_tokens)
 
     def _ask(self, question: Question, caption: str) -> tuple[int | None, str, str]:
         """(choice, reply, failure reason) for one question, retrying transient failures and garbage replies."""

@@ -32,7 +32,8 @@ from pdlm_ros.eval.replay import ReplayResult
 from pdlm_ros.eval.scoring import Scores, _mean, score_judgements
 
 __all__ = ["Summary", "TrackStability", "CaptionScores", "ReplayReport", "ReportPaths", "build_report",
-           "summarize", "stability", "score_captions", "summary_rows", "write_reports"]
+           "summarize", "stability", "score_captions", "summary_rows", "write_reports", "TABLE2_HEAD", "table2_cells",
+           "write_benchmark_report"]
 
 PLOT_NAME = "latency_vs_regions.png"
 _MAX_TABLE_ROWS = 2000  # captions listed in the HTML table; the JSON report always has them all
@@ -354,4 +355,72 @@ def write_reports(report: ReplayReport, out: Path | str) -> ReportPaths:
     paths.json.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     _plot(report.result, paths.plot)
     paths.html.write_text(_html(report, paths.plot.read_bytes()))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ published benchmarks
+TABLE2_HEAD = ["Method", "Type", "Pos (%)", "Neg (%)", "Avg (%)", "TPF", "NFE / image", "Time (s)"]
+
+
+def table2_cells(row: dict[str, Any]) -> list[str]:
+    """One row of the paper's Table 2 layout from `BenchReport.table_row()`."""
+    return [str(row["method"]), str(row["type"]), f"{row['pos']:.1f}", f"{row['neg']:.1f}", f"{row['avg']:.1f}",
+            f"{row['tpf']:.2f}", f"{row['nfe_per_image']:.1f}", f"{row['time_s']:.1f}"]
+
+
+def _bench_html(doc: dict[str, Any]) -> str:
+    t, s, c, j = doc["table"], doc["scores"], doc["captioning"], doc["judge"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>pdlm_ros: {html.escape(doc['benchmark'])}"
+             f"</title><style>{_CSS}</style></head><body>",
+             f"<h1>{html.escape(doc['benchmark'])}</h1>",
+             _table(TABLE2_HEAD, [table2_cells(t)]),
+             "<h2>Run</h2>",
+             _table(["setting", "value"], [
+                 ("model", f"{doc['model']} ({doc['model_id']})"), ("mode", doc["mode"]),
+                 ("steps", doc["steps"] if doc["steps"] is not None else "model default"),
+                 ("regions / images / caption passes", f"{s['regions']} / {c['images']} / {c['passes']}"),
+                 ("NFE total / tokens / TPF", f"{c['nfe']} / {c['tokens']} / {c['tpf']:.2f}"),
+                 ("captioning time", f"{c['seconds']:.1f} s ({c['cached_images']} images from the cache)"),
+                 ("judge", f"{j['model']} at {j['endpoint']} ({j['protocol']} protocol; published numbers used "
+                           f"{j['reference_judge']})"),
+                 ("judge requests / cached answers / seconds",
+                  f"{j['requests']} / {j['cached_answers']} / {j['seconds']:.1f}"),
+                 ("recognised regions", f"{s['recognized']} of {s['regions']}"),
+                 ("questions / parse failures (scored 0)", f"{s['questions']} / {s['parse_failures']}"),
+                 ("refused regions (scored 0)", s["refused"]),
+                 ("created (UTC) / machine", f"{doc['created']} / {doc['machine']}")])]
+    rows = []
+    for r in doc.get("regions", []):
+        pos = [q["score"] for q in r["questions"] if q["type"] == "positive"]
+        neg = [q["score"] for q in r["questions"] if q["type"] != "positive"]
+        rows.append((r["key"], r["class_name"], r["caption"] or f"(refused: {r['refused']})",
+                     {True: "yes", False: "no", None: ""}[r["recognized"]],
+                     _fmt(_mean(pos), ".2f"), _fmt(_mean(neg), ".2f")))
+    if rows:
+        parts += ["<h2>Regions</h2>", _table(["key", "class", "caption", "recognised", "Pos", "Neg"],
+                                             rows[:_MAX_TABLE_ROWS])]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_benchmark_report(report: Any, out: Path | str) -> tuple[Path, Path]:
+    """Write `<bench>-<mode>.json` (everything, every answer) and `.html` (Table 2, the run, the regions) into
+    `out`, each through a temporary file and a rename, so a crash never leaves half a report."""
+    import os
+    import tempfile
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = _finite(report.to_dict(details=True))
+    stem = f"{report.bench}-{report.mode}"
+    paths = (out / f"{stem}.json", out / f"{stem}.html")
+    for path, text in zip(paths, (json.dumps(doc, indent=1) + "\n", _bench_html(doc))):
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=out)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return paths

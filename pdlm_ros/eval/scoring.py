@@ -17,7 +17,7 @@ from typing import Any
 from pdlm_ros.errors import DatasetError
 from pdlm_ros.eval.judges import Judgement, QuestionResult
 
-__all__ = ["Counts", "RegionScore", "Scores", "score_region", "score_judgements"]
+__all__ = ["Counts", "RegionScore", "Scores", "score_region", "score_judgements", "BenchmarkScores", "benchmark_scores"]
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -154,4 +154,53 @@ def score_judgements(judgements: Sequence[Judgement]) -> Scores:
         regions=len(regions),
         refused=sum(r.refused for r in regions),
         per_region=regions,
+    )
+
+
+# ----------------------------------------------------------------------------------------- published benchmarks
+@dataclass(frozen=True)
+class BenchmarkScores:
+    """ParaDLC-Bench / DLC-Bench scores by the official rules, in percent (the paper's Table 2 reports Avg in %).
+
+    A question scores its chosen choice's score (positives: 1 right, 0.5 part mentioned, 0 not mentioned, -1 wrong;
+    negatives: 1 not mentioned, 0 object absent, -1 mentioned); no parsable choice scores 0; when the recognition
+    answer is not "Yes" every score of the region is capped at 0. Region Pos / Neg = mean over its positive /
+    negative questions (Pos 0 without positives, Neg left out without negatives); Pos = mean of region Pos over all
+    regions, Neg = mean of region Neg over regions that have negatives (0 if none has), Avg = (Pos + Neg) / 2.
+    """
+
+    pos: float
+    neg: float
+    avg: float
+    regions: int
+    regions_with_negatives: int
+    recognized: int  # regions whose recognition answer was "Yes"
+    questions: int
+    parse_failures: int  # replies that named no choice (scored 0)
+    refused: int  # regions the captioner refused (every question scored 0, none sent to the judge)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def benchmark_scores(judgements: Sequence[Judgement]) -> BenchmarkScores:
+    if not judgements:
+        raise DatasetError("no judged regions to score (empty benchmark?)")
+    region_pos: list[float] = []
+    region_neg: list[float] = []
+    for j in judgements:
+        pos = [r.score for r in j.results if r.question.kind == "positive"]
+        neg = [r.score for r in j.results if r.question.kind != "positive"]
+        region_pos.append(sum(pos) / len(pos) if pos else 0.0)
+        if neg:
+            region_neg.append(sum(neg) / len(neg))
+    pos_mean = sum(region_pos) / len(region_pos)
+    neg_mean = sum(region_neg) / len(region_neg) if region_neg else 0.0
+    return BenchmarkScores(
+        pos=100.0 * pos_mean, neg=100.0 * neg_mean, avg=100.0 * (pos_mean + neg_mean) / 2,
+        regions=len(judgements), regions_with_negatives=len(region_neg),
+        recognized=sum(j.recognized is True for j in judgements),
+        questions=sum(len(j.results) for j in judgements),
+        parse_failures=sum(r.failed for j in judgements if not j.refused for r in j.results),
+        refused=sum(bool(j.refused) for j in judgements),
     )

@@ -1,4 +1,4 @@
-"""DLC-Bench folder reader and the COCO RLE / polygon decoders, on folders and masks written here."""
+"""DLC-Bench folder reader and the COCO RLE (pycocotools) / polygon decoders, on folders and masks written here."""
 
 from __future__ import annotations
 
@@ -9,27 +9,19 @@ import pytest
 from PIL import Image
 
 from pdlm_ros.errors import DatasetError
-from pdlm_ros.eval.dlcbench import (
-    DLCBench,
-    polygons_to_mask,
-    rle_counts_from_string,
-    rle_counts_to_string,
-    rle_decode,
-    rle_encode,
-)
+from pdlm_ros.eval.dlcbench import DLCBench, polygons_to_mask, rle_decode, rle_encode
 
 
 # ------------------------------------------------------------------------------------------------------------- RLE
-@pytest.mark.parametrize("counts, text", [
-    ([0, 4], "04"),  # a 2x2 mask of ones
-    ([2, 3, 1], "231"),
-    ([1, 2, 3, 4], "1232"),  # the 4th count is stored as 4 - 2 (delta from two places back)
-    ([1, 5, 1, 2], "151M"),  # negative delta -3: 0x1d + 48 = 'M'
-    ([100], "T3"),  # two 5-bit groups: 4 | 32 ('T'), then 3
+@pytest.mark.parametrize("size, text, ones", [
+    ([2, 2], "04", [(0, 0), (0, 1), (1, 0), (1, 1)]),  # no background run, then 4 ones
+    ([2, 3], "231", [(0, 1), (1, 1), (0, 2)]),  # column-major: 2 off, 3 on, 1 off
+    ([2, 5], "1232", [(1, 0), (0, 1), (0, 3), (1, 3), (0, 4), (1, 4)]),  # 4th count stored as 4 - 2 (delta from 2 back)
 ])
-def test_rle_string_codec_on_hand_worked_examples(counts, text):
-    assert rle_counts_to_string(counts) == text
-    assert rle_counts_from_string(text) == counts
+def test_rle_strings_decode_as_hand_worked(size, text, ones):
+    mask = rle_decode({"size": size, "counts": text})
+    assert sorted(zip(*np.nonzero(mask))) == sorted(ones)
+    assert rle_encode(mask)["counts"] == text
 
 
 def test_rle_decode_is_column_major():
@@ -55,18 +47,23 @@ def test_rle_round_trip_large_runs():
     mask[20:280, 50:390] = True
     rle = rle_encode(mask)
     assert np.array_equal(rle_decode(rle, 300, 400), mask)
-    assert sum(rle_counts_from_string(rle["counts"])) == 300 * 400
+    assert sum(rle_encode(mask, compressed=False)["counts"]) == 300 * 400
 
 
 def test_rle_errors():
-    with pytest.raises(DatasetError, match="sum to 5.*expected 6"):
+    with pytest.raises(DatasetError, match="summing to 6 pixels .*summing to 5"):
         rle_decode({"size": [2, 3], "counts": [1, 4]})
     with pytest.raises(DatasetError, match="does not match the image"):
         rle_decode({"size": [2, 3], "counts": [6]}, 3, 2)
     with pytest.raises(DatasetError, match="needs 'size'"):
         rle_decode({"counts": [6]})
-    with pytest.raises(DatasetError, match="truncated RLE"):
-        rle_counts_from_string("T")  # 'T' says another character follows
+    with pytest.raises(DatasetError, match="not a valid 2x3 mask"):
+        rle_decode({"size": [2, 3], "counts": "T"})  # 'T' says another character follows
+    with pytest.raises(DatasetError, match="not a valid 2x3 mask"):
+        rle_decode({"size": [2, 3], "counts": "25"})  # 7 pixels for 6
+    # pycocotools alone would return uninitialised pixels for runs that stop short of the image
+    with pytest.raises(DatasetError, match="do not cover the 4x5 image"):
+        rle_decode({"size": [4, 5], "counts": "52"})
 
 
 def test_polygons_to_mask():
@@ -169,6 +166,10 @@ def test_inconsistent_files(tmp_path):
     qa = json.loads((tmp_path / "qa.json").read_text())
     qa["99"] = []
     (tmp_path / "qa.json").write_text(json.dumps(qa))
+    names = json.loads((tmp_path / "class_names.json").read_text())
+    with pytest.raises(DatasetError, match="class_names.json has no class for annotation 99"):
+        DLCBench(tmp_path)
+    (tmp_path / "class_names.json").write_text(json.dumps({**names, "99": "cup"}))
     with pytest.raises(DatasetError, match="annotation 99, which annotations.json lacks"):
         DLCBench(tmp_path)
     del qa["99"]
@@ -192,5 +193,5 @@ def test_missing_image_and_bad_mask_are_reported_when_read(tmp_path):
     coco["annotations"][0]["segmentation"] = {"size": [40, 60], "counts": [1, 2]}
     (tmp_path / "annotations.json").write_text(json.dumps(coco))
     bad = DLCBench(tmp_path)
-    with pytest.raises(DatasetError, match="annotation 11: RLE counts sum to 3"):
+    with pytest.raises(DatasetError, match="annotation 11: RLE counts must be .*summing to 3"):
         bad.mask(bad.items[0])

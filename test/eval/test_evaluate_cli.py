@@ -7,17 +7,14 @@ import socket
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from pdlm_ros.cli import main
 from pdlm_ros.data.scenes import ObjectSpec, Scene, generate_scene, render_scene, scene_seeds
 from pdlm_ros.errors import ConfigError, DatasetError, JudgeError
-from pdlm_ros.eval.dlcbench import DLCBench, rle_encode
-from pdlm_ros.eval.harness import evaluate, evaluate_dlc_bench
+from pdlm_ros.eval.harness import evaluate
 from pdlm_ros.eval.judges import OpenAIJudge, RuleJudge
 from pdlm_ros.eval.questions import build_questions
 
-from .chat_server import ChatServer, chat_reply
 
 
 class Recorder:
@@ -136,54 +133,6 @@ def test_empty_dataset_and_bad_options(rec, scenes):
         evaluate(rec, scenes, RuleJudge(), region_kind="polygon", progress=False)  # type: ignore[arg-type]
 
 
-# -------------------------------------------------------------------------------------------------- DLC-Bench path
-def _yes_to_recognition(n, body):
-    """"Yes" to the recognition question, "A" to every multiple-choice one."""
-    return 200, chat_reply("Yes" if "Is it likely that" in body["messages"][0]["content"] else "A")
-
-
-@pytest.fixture
-def yes_server():
-    s = ChatServer(_yes_to_recognition)
-    yield s
-    s.close()
-
-
-def _bench(root):
-    (root / "images").mkdir(parents=True)
-    scene = generate_scene(5, min_objects=2, max_objects=2)
-    Image.fromarray(scene.image).save(root / "images" / "s.png")
-    h, w = scene.image.shape[:2]
-    anns, names, qa = [], {}, {}
-    for k, obj in enumerate(scene.objects):
-        anns.append({"id": k + 1, "image_id": 1, "segmentation": rle_encode(obj.mask), "bbox": [0, 0, 1, 1],
-                     "category_id": 1})
-        names[str(k + 1)] = obj.shape
-        qa[str(k + 1)] = [
-            {"question": "What colour is it?", "choices": [[obj.color, 1], ["another", -1], ["not mentioned", 0]],
-             "type": "positive"},
-            {"question": "Is it furry?", "choices": [["not mentioned", 1], ["furry", -1]], "type": "negative"},
-        ]
-    coco = {"images": [{"id": 1, "file_name": "s.png", "height": h, "width": w}], "annotations": anns}
-    for name, doc in (("annotations.json", coco), ("class_names.json", names), ("qa.json", qa)):
-        (root / name).write_text(json.dumps(doc))
-    return scene
-
-
-def test_dlc_bench_frames_are_captioned_together_and_judged_by_the_llm(rec, tmp_path, yes_server):
-    scene = _bench(tmp_path)
-    judge = OpenAIJudge(base_url=yes_server.url, model="m", retries=0, backoff=0.0)
-    report = evaluate_dlc_bench(rec, DLCBench(tmp_path), judge, steps=1, progress=False)
-    assert len(rec.calls) == 1 and len(rec.calls[0]["regions"]) == 2
-    assert np.array_equal(rec.calls[0]["regions"][1].mask, scene.objects[1].mask)
-    assert report.scores.regions == 2 and report.scores.counts.questions == 4
-    # The oracle says "A": the positive is right, the negative picks "not mentioned" (score 1): all right.
-    assert report.scores.pos == 100.0 and report.scores.neg == 100.0 and report.scores.failures == 0
-    assert sum("Is it likely that" in p for p in yes_server.prompts) == 2
-    assert len(yes_server.prompts) == 1 + 2 * 3  # the check() request, then recognition + 2 questions per region
-    assert report.to_dict()["judge"] == {"name": "openai", "endpoint": yes_server.url, "model": "m"}
-
-
 # ------------------------------------------------------------------------------------------------------------ CLI
 def test_cli_json_to_stdout(capsys):
     rc = main(["eval", "--preset", "tiny", "--regions", "3", "--steps", "1", "--json"])
@@ -212,7 +161,9 @@ def test_cli_json_file_and_table(tmp_path, capsys):
     (["--checkpoint", "/nonexistent/model"], "error:"),
     (["--preset", "tiny", "--judge", "openai", "--endpoint", "http://127.0.0.1:{port}/v1", "--judge-retries", "0"],
      "not answering"),
-    (["--preset", "tiny", "--dlc-bench", ".", "--judge", "rule"], "need an LLM judge"),
+    (["--preset", "tiny", "--bench", "dlcbench", "--annotations", ".", "--judge", "rule"], "judged by an LLM"),
+    (["--preset", "tiny", "--bench", "paradlc", "--annotations", "."], "needs --judge-url, --judge-model"),
+    (["--preset", "tiny", "--annotations", "."], "belong to --bench"),
 ])
 def test_cli_errors(argv, message, capsys):
     argv = [a.replace("{port}", str(_free_port())) for a in argv]
