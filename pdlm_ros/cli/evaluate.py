@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regions", type=int, default=None, metavar="N",
                         help="number of regions to evaluate (default: 400 held-out regions; --bench: all)")
     parser.add_argument("--seed", type=int, default=0, help="held-out window and captioner seed (default: 0)")
-    parser.add_argument("--mode", choices=MODES, default="parallel", help="decoding mode (default: parallel)")
+    parser.add_argument("--mode", choices=MODES, default="auto",
+                        help="decoding mode (default: auto, the model's own: parallel for this package's models, "
+                             "official for the released checkpoint)")
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps (default: the model's, usually the caption length)")
     parser.add_argument("--region-kind", choices=REGION_KINDS, default="mask",
@@ -145,6 +147,7 @@ def _model_id(args: argparse.Namespace) -> str:
 def _run_bench(args: argparse.Namespace, progress: bool) -> Any:
     from pdlm_ros.cli._common import load_captioner
     from pdlm_ros.eval.dlcbench import open_benchmark
+    from pdlm_ros.eval.harness import resolve_mode
     from pdlm_ros.eval.published import PROTOCOLS, JudgeClient, run_benchmark
 
     if args.judge == "rule":
@@ -162,9 +165,10 @@ def _run_bench(args: argparse.Namespace, progress: bool) -> Any:
                          max_calls=args.max_judge_calls or PROTOCOLS[args.bench].default_max_calls)
     client.check(PROTOCOLS[args.bench])  # before the model is loaded
     captioner = load_captioner(args)
+    mode = resolve_mode(captioner, args.mode)
     out = Path(args.out or f"out/eval-{args.bench}")
     report = run_benchmark(captioner, bench, client, model_id=_model_id(args), checkpoint=args.checkpoint,
-                           mode=args.mode, steps=args.steps, cache_dir=out / "cache", limit=args.regions,
+                           mode=mode, steps=args.steps, cache_dir=out / "cache", limit=args.regions,
                            progress=progress, check=False)
     from pdlm_ros.eval.report import write_benchmark_report
 
@@ -178,7 +182,7 @@ def _run_bench(args: argparse.Namespace, progress: bool) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from pdlm_ros.cli._common import emit_json, setup_logging
-    from pdlm_ros.eval.harness import evaluate
+    from pdlm_ros.eval.harness import evaluate, resolve_mode
     from pdlm_ros.eval.judges import Judge, OpenAIJudge, RuleJudge
 
     setup_logging()
@@ -210,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     from pdlm_ros.cli._common import load_captioner
 
     captioner = load_captioner(args)  # any backend; --seed picks held-out scenes, not weights
-    report = evaluate(captioner, _heldout_scenes(regions, args.seed), judge, mode=args.mode,
+    report = evaluate(captioner, _heldout_scenes(regions, args.seed), judge, mode=resolve_mode(captioner, args.mode),
                       region_kind=args.region_kind, progress=progress, limit=regions, seed=args.seed,
                       steps=args.steps)
     if args.json is not None:

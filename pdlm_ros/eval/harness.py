@@ -27,12 +27,12 @@ from pdlm_ros.eval.questions import Question, build_questions
 from pdlm_ros.eval.scoring import Scores, score_judgements
 from pdlm_ros.types import CaptionerLike, RegionInput
 
-__all__ = ["EvalReport", "evaluate", "MODES", "REGION_KINDS"]
+__all__ = ["EvalReport", "evaluate", "resolve_mode", "MODES", "REGION_KINDS"]
 
 log = logging.getLogger(__name__)
 
 # The modes `pdlm-ros eval` offers; the harness passes any mode through and the captioner rejects unknown ones.
-MODES = ("parallel", "sequential", "threshold", "nomask")
+MODES = ("auto", "parallel", "sequential", "threshold", "nomask", "official")
 REGION_KINDS = ("mask", "box")
 RegionKind = Literal["mask", "box"]
 
@@ -104,6 +104,15 @@ def _judgement_dict(j: Judgement, score: Any) -> dict[str, Any]:
     return {"key": j.key, "caption": j.caption, "class_name": j.class_name, "recognized": j.recognized,
             "refused": j.refused, "pos": score.pos, "neg": score.neg, "interference": score.interference,
             "questions": [_result_dict(r) for r in j.results]}
+
+
+def resolve_mode(captioner: CaptionerLike, mode: str) -> str:
+    """`auto` -> the model's own first mode (parallel for native models, official for the released layout), so
+    reports and cache keys name the mode that ran; other modes are checked by the captioner."""
+    resolve = getattr(captioner, "resolve_mode", None)
+    if callable(resolve):
+        return str(resolve(mode))
+    return "parallel" if mode == "auto" else mode
 
 
 def _check_options(region_kind: str) -> None:

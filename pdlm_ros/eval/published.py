@@ -207,9 +207,13 @@ class CaptionRun:
 
 
 def _per_pass(captioner: CaptionerLike) -> int | None:
-    region = getattr(getattr(captioner, "config", None), "region", None)
-    n = getattr(region, "max_regions", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
+    """Masks the model takes in one pass: `region.max_regions`, and for the official layout its prompt_numbers
+    (one learned mask-id embedding each). None (a backend without a config): all of an image's masks at once."""
+    config = getattr(captioner, "config", None)
+    limits = [getattr(getattr(config, "region", None), "max_regions", None),
+              getattr(getattr(config, "official", None), "prompt_numbers", None)]
+    limits = [int(n) for n in limits if isinstance(n, int) and n > 0]
+    return min(limits) if limits else None
 
 
 def _passes(items: Sequence[BenchItem], masks: Sequence[np.ndarray], per_pass: int | None) -> list[list[int]]:
@@ -220,10 +224,13 @@ def _passes(items: Sequence[BenchItem], masks: Sequence[np.ndarray], per_pass: i
     return [sorted(c, key=lambda i: (-int(masks[i].sum()), i)) for c in chunks]
 
 
-def caption_benchmark(captioner: CaptionerLike, bench: Benchmark, *, mode: str = "parallel",
+def caption_benchmark(captioner: CaptionerLike, bench: Benchmark, *, mode: str = "auto",
                       steps: int | None = None, cache: JsonCache | None = None, limit: int | None = None,
                       progress: bool = False) -> CaptionRun:
     """Caption every region of the benchmark (first `limit` regions), one image at a time."""
+    from pdlm_ros.eval.harness import resolve_mode
+
+    mode = resolve_mode(captioner, mode)
     run = CaptionRun()
     per_pass = None if mode.startswith("sequential") else _per_pass(captioner)
     groups = bench.groups(limit)
@@ -507,7 +514,7 @@ def _fingerprint(checkpoint: str | Path | None) -> str:
 
 
 def run_benchmark(captioner: CaptionerLike, bench: Benchmark, client: JudgeClient, *, model_id: str,
-                  checkpoint: str | Path | None = None, mode: str = "parallel", steps: int | None = None,
+                  checkpoint: str | Path | None = None, mode: str = "auto", steps: int | None = None,
                   cache_dir: str | Path | None = None, limit: int | None = None, progress: bool = False,
                   check: bool = True) -> BenchReport:
     """Caption, judge and score `bench`; caches live in `cache_dir` (None: no cache). `check`: probe the judge
@@ -516,7 +523,10 @@ def run_benchmark(captioner: CaptionerLike, bench: Benchmark, client: JudgeClien
 
     from pdlm_ros.eval.scoring import benchmark_scores
 
+    from pdlm_ros.eval.harness import resolve_mode
+
     protocol = PROTOCOLS[bench.name]
+    mode = resolve_mode(captioner, mode)
     if limit is not None and limit < 1:
         raise DatasetError(f"number of regions to evaluate must be >= 1 (got {limit})")
     if not len(bench):

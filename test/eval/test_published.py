@@ -335,6 +335,7 @@ class Recorder:
 
     def __init__(self, captioner, stop_at=None):
         self.captioner, self.name, self.config = captioner, captioner.name, captioner.config
+        self.resolve_mode = captioner.resolve_mode
         self.calls, self.stop_at = [], stop_at
 
     def caption(self, image, regions, **kw):
@@ -462,10 +463,10 @@ def test_a_run_stopped_midway_continues_where_it_stopped(bundled, tmp_path):
     _synthetic_images(bench, tmp_path / "images")
     # Ctrl-C while captioning the second image: the first image's captions are kept
     with pytest.raises(KeyboardInterrupt):
-        caption_benchmark(Recorder(bundled, stop_at=2), bench, steps=4,
+        caption_benchmark(Recorder(bundled, stop_at=2), bench, steps=2,
                           cache=JsonCache(tmp_path / "captions.json", {"m": 1}))
     rec = Recorder(bundled)
-    captions = caption_benchmark(rec, bench, steps=4, cache=JsonCache(tmp_path / "captions.json", {"m": 1}))
+    captions = caption_benchmark(rec, bench, steps=2, cache=JsonCache(tmp_path / "captions.json", {"m": 1}))
     assert len(rec.calls) == 1 and captions.cached_images == 1 and len(captions.captions) == 5
 
     # the judge goes down after 10 answers: the run stops with JudgeError, the answers so far are kept
@@ -475,12 +476,12 @@ def test_a_run_stopped_midway_continues_where_it_stopped(bundled, tmp_path):
     try:
         with pytest.raises(JudgeError, match="failed 2 attempts: HTTP 500"):
             run_benchmark(Recorder(bundled), bench, _client(flaky.url, retries=1, concurrency=1), model_id="m",
-                          steps=4, cache_dir=tmp_path / "cache")
+                          steps=2, cache_dir=tmp_path / "cache")
     finally:
         flaky.close()
     srv = ChatServer(ScriptedJudge())
     try:
-        report = run_benchmark(Recorder(bundled), bench, _client(srv.url), model_id="m", steps=4,
+        report = run_benchmark(Recorder(bundled), bench, _client(srv.url), model_id="m", steps=2,
                                cache_dir=tmp_path / "cache")
     finally:
         srv.close()
@@ -526,3 +527,33 @@ def test_cli_refuses_a_down_judge_before_loading_the_model(tmp_path, capsys):
                "--checkpoint", str(tmp_path / "no-such-model")])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("error: judge endpoint") and "cannot reach" in err
+
+
+def test_passes_follow_the_official_chunking():
+    """Chunks of the per-pass count in qa.json order, each sorted largest mask first (ties: request order)."""
+    from types import SimpleNamespace
+
+    from pdlm_ros.eval.published import _passes, _per_pass
+
+    masks = [np.ones((1, a), bool) for a in (3, 9, 1, 9, 4, 2, 7, 5)]
+    assert _passes(list(range(8)), masks, 6) == [[1, 3, 4, 0, 5, 2], [6, 7]]
+    assert _passes(list(range(8)), masks, None) == [[1, 3, 6, 7, 4, 0, 5, 2]]
+    native = SimpleNamespace(config=SimpleNamespace(region=SimpleNamespace(max_regions=8), official=None))
+    official = SimpleNamespace(config=SimpleNamespace(region=SimpleNamespace(max_regions=16),
+                                                      official=SimpleNamespace(prompt_numbers=6)))
+    assert (_per_pass(native), _per_pass(official), _per_pass(object())) == (8, 6, None)
+
+
+def test_the_official_layout_checkpoint_runs_through_the_same_harness(tmp_path):
+    """The released checkpoint's layout (a tiny random one with its file layout): `auto` resolves to its own mode,
+    passes hold at most its prompt_numbers masks, and the accounting comes from its own stats."""
+    from pdlm_ros.captioner import Captioner
+
+    official = Captioner.load(Path(__file__).parents[1] / "fixtures" / "official" / "checkpoint")
+    bench = ParaDLCBench(FIXTURES / "paradlc", tmp_path / "images")
+    _synthetic_images(bench, tmp_path / "images")
+    rec = Recorder(official)
+    run = caption_benchmark(rec, bench, steps=2, limit=6)
+    assert [len(c["regions"]) for c in rec.calls] == [3, 3]
+    assert all(c["kw"]["mode"] == "official" for c in rec.calls)
+    assert run.nfe == sum(c["result"].stats.nfe for c in rec.calls) > 0 and len(run.captions) == 6
