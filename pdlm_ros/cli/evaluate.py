@@ -37,10 +37,11 @@ EXAMPLES = """examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pdlm_ros.cli._common import add_json_option, add_model_options
+    from pdlm_ros.cli._common import add_json_option, add_model_options, add_threads_option
     from pdlm_ros.eval.harness import MODES, REGION_KINDS
 
     add_model_options(parser)
+    add_threads_option(parser)
     parser.add_argument("--regions", type=int, default=None, metavar="N",
                         help="number of regions to evaluate (default: 400 held-out regions; --bench: all)")
     parser.add_argument("--seed", type=int, default=0, help="held-out window and captioner seed (default: 0)")
@@ -160,6 +161,7 @@ def _run_bench(args: argparse.Namespace, progress: bool) -> Any:
     bench = open_benchmark(args.bench, args.annotations, args.images)  # read and checked before the model loads
     if args.regions is not None and args.regions < 1:
         raise DatasetError(f"--regions must be >= 1 (got {args.regions}): there is nothing to evaluate")
+    bench.check_images(args.regions)
     client = JudgeClient(base_url=args.judge_url, model=args.judge_model, api_key=os.environ.get("OPENAI_API_KEY"),
                          timeout=args.judge_timeout, retries=args.judge_retries, concurrency=args.judge_concurrency,
                          max_calls=args.max_judge_calls or PROTOCOLS[args.bench].default_max_calls)
@@ -181,11 +183,12 @@ def _run_bench(args: argparse.Namespace, progress: bool) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdlm_ros.cli._common import emit_json, setup_logging
+    from pdlm_ros.cli._common import emit_json, set_threads, setup_logging
     from pdlm_ros.eval.harness import evaluate, resolve_mode
     from pdlm_ros.eval.judges import Judge, OpenAIJudge, RuleJudge
 
     setup_logging()
+    set_threads(args.threads)
     to_stdout = args.json == "-"
     progress = not to_stdout and sys.stderr.isatty()
     if args.bench:

@@ -214,6 +214,14 @@ class Benchmark:
     def images(self) -> int:
         return len({item.image_key for item in self.items})
 
+    def check_images(self, limit: int | None = None) -> None:
+        """Raise DatasetError naming the missing files before a long run starts, not halfway through it."""
+        files = sorted({items[0].image_file for _, items in self.groups(limit)})
+        missing = [f for f in files if not (self.images_dir / f).is_file()]
+        if missing:
+            raise DatasetError(f"{len(missing)} of the {len(files)} {self.title} images are missing from "
+                               f"{self.images_dir} (first: {', '.join(missing[:3])}); pass their folder with --images")
+
     def load_image(self, item: BenchItem) -> np.ndarray:
         path = self.images_dir / item.image_file
         if not path.is_file():

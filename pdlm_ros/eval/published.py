@@ -66,7 +66,8 @@ from pdlm_ros.eval.questions import Question
 from pdlm_ros.types import CaptionerLike, RegionInput
 
 __all__ = ["PROTOCOLS", "BenchProtocol", "JsonCache", "JudgeClient", "CaptionRun", "focal_crop", "judge_messages",
-           "caption_benchmark", "judge_benchmark", "BenchReport", "run_benchmark", "machine_description"]
+           "caption_benchmark", "judge_benchmark", "BenchReport", "run_benchmark", "machine_description",
+           "atomic_write_text"]
 
 log = logging.getLogger(__name__)
 
@@ -175,16 +176,27 @@ class JsonCache:
                 self._write()
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"meta": self.meta, "entries": self.data}, f)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, json.dumps({"meta": self.meta, "entries": self.data}))
         self._dirty = 0
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: os.umask can only be read by setting it, which is not thread-safe
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write through a temporary file in the same folder and a rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------- caption

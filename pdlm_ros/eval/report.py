@@ -406,21 +406,13 @@ def _bench_html(doc: dict[str, Any]) -> str:
 def write_benchmark_report(report: Any, out: Path | str) -> tuple[Path, Path]:
     """Write `<bench>-<mode>.json` (everything, every answer) and `.html` (Table 2, the run, the regions) into
     `out`, each through a temporary file and a rename, so a crash never leaves half a report."""
-    import os
-    import tempfile
+    from pdlm_ros.eval.published import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     doc = _finite(report.to_dict(details=True))
     stem = f"{report.bench}-{report.mode}"
     paths = (out / f"{stem}.json", out / f"{stem}.html")
-    for path, text in zip(paths, (json.dumps(doc, indent=1) + "\n", _bench_html(doc))):
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=out)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    atomic_write_text(paths[0], json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(paths[1], _bench_html(doc))
     return paths

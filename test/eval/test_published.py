@@ -519,10 +519,17 @@ def test_cli_writes_the_table_json_and_html(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out" / "cache").iterdir())[0].startswith("captions-paradlc-parallel-")
 
 
-def test_cli_refuses_a_down_judge_before_loading_the_model(tmp_path, capsys):
+def test_cli_refuses_missing_images_and_a_down_judge_before_loading_the_model(tmp_path, capsys):
     from pdlm_ros.cli import main
 
-    rc = main(["eval", "--bench", "dlcbench", "--annotations", str(FIXTURES / "dlcbench"), "--judge-url",
+    rc = main(["eval", "--bench", "paradlc", "--annotations", str(FIXTURES / "paradlc"), "--images",
+               str(tmp_path), "--judge-url", "http://127.0.0.1:1/v1", "--judge-model", "m"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: 3 of the 3 ParaDLC-Bench images are missing from") and "--images" in err
+    bench = DLCBench(FIXTURES / "dlcbench", tmp_path)
+    _synthetic_images(bench, tmp_path)
+    rc = main(["eval", "--bench", "dlcbench", "--annotations", str(FIXTURES / "dlcbench"), "--images", str(tmp_path),
+               "--judge-url",
                f"http://127.0.0.1:{_free_port()}/v1", "--judge-model", "m", "--judge-retries", "0",
                "--checkpoint", str(tmp_path / "no-such-model")])
     err = capsys.readouterr().err
