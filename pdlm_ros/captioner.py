@@ -8,9 +8,16 @@ Decoding modes (all share one model and one sampler):
   baselines; same captions, more work);
 - `nomask`: the structured mask switched off (every token sees every token): an ablation that shows what the mask buys.
 
+Official-layout checkpoints (the released PerceptionDLM) decode by their own rules (`pdlm_ros.model.official`):
+- `official`: exactly as the official code does, parity-tested: masks sorted by area, up to prompt_numbers per pass,
+  a full forward of the whole sequence at every step, global re-masking.
+`auto` (the default) picks `parallel` for native checkpoints and `official` for official ones.
+
 Region rules: a refused region (empty mask, NaN box, box outside the image, ...) gets an error in its result and the
 others are still captioned. More regions than `max_regions` are processed in further passes of at most `max_regions`
-each: with isolated regions this gives exactly the same captions, and NFE adds up. No region is ever dropped.
+each: with isolated regions this gives exactly the same captions, and NFE adds up. No region is ever dropped. In the
+official layout a box-only region is given to the model as its box filled in as a mask, and a pass holds at most
+prompt_numbers masks (in request order); there regions of one pass do influence each other (official rule).
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from pdlm_ros.model.config import preset as get_preset
 from pdlm_ros.model.image import to_rgb_uint8
 from pdlm_ros.model.pdlm import PerceptionDLM
 from pdlm_ros.model.regions import PreparedRegion, prepare_regions
-from pdlm_ros.model.sampler import diffusion_decode
+from pdlm_ros.model.official import prepare_pass
+from pdlm_ros.model.sampler import diffusion_decode, global_remask_decode
 from pdlm_ros.model.tokenizer import build_tiny_tokenizer
-from pdlm_ros.types import CACHED_MODES, MODES, FrameResult, FrameStats, RegionCaption, RegionInput
+from pdlm_ros.types import (CACHED_MODES, MODES, NATIVE_MODES, OFFICIAL_MODES, FrameResult, FrameStats, RegionCaption,
+                            RegionInput)
 
 __all__ = ["Captioner", "DEFAULT_CHECKPOINT", "MODES"]
 
@@ -58,6 +67,25 @@ class Captioner:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def layout(self) -> str:
+        return self.model.cfg.layout
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The decoding modes this model runs (besides `auto`)."""
+        return OFFICIAL_MODES if self.layout == "official" else NATIVE_MODES
+
+    def resolve_mode(self, mode: str) -> str:
+        if mode == "auto":
+            return self.modes[0]
+        if mode not in MODES:
+            raise ConfigError(f"unknown decoding mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode not in self.modes:
+            raise ConfigError(f"mode {mode!r} is not one of the {self.layout} layout's modes "
+                              f"({', '.join(self.modes)}); use one of those or auto")
+        return mode
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, *, preset: str | None = None, device: str = "cpu",
@@ -83,15 +111,15 @@ class Captioner:
         return cls(model, tokenizer, attn_impl=attn_impl)
 
     # -------------------------------------------------------------------------------------------------------------
-    def caption(self, image: object, regions: Sequence[RegionInput], *, mode: str = "parallel",
+    def caption(self, image: object, regions: Sequence[RegionInput], *, mode: str = "auto",
                 steps: int | None = None, threshold: float | None = None, temperature: float | None = None,
                 seed: int | None = None) -> FrameResult:
-        if mode not in MODES:
-            raise ConfigError(f"unknown decoding mode {mode!r}; choose one of {', '.join(MODES)}")
+        mode = self.resolve_mode(mode)
         dec = self.config.decoding
         steps = dec.steps if steps is None else steps
-        if not 1 <= steps <= dec.caption_len:
-            raise ConfigError(f"steps must be in 1..{dec.caption_len} (got {steps})")
+        max_steps = dec.caption_len * (self.config.official.prompt_numbers if self.config.official else 1)
+        if not 1 <= steps <= max_steps:
+            raise ConfigError(f"steps must be in 1..{max_steps} (got {steps})")
         temperature = dec.temperature if temperature is None else temperature
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ConfigError(f"temperature must be a finite number >= 0 (got {temperature})")
@@ -112,7 +140,9 @@ class Captioner:
         timings: dict[str, float] = {}
         decoded: dict[int, tuple[str, float]] = {}
         nfe = tokens = 0
-        if prepared:
+        if prepared and self.layout == "official":
+            nfe, tokens = self._decode_official(rgb, prepared, steps, temperature, generator, decoded, timings)
+        elif prepared:
             with torch.inference_mode():
                 mark = self._clock()
                 frame = self.model.encode_frame(rgb)
@@ -141,6 +171,35 @@ class Captioner:
                            FrameStats(nfe=nfe, tokens=tokens, tpf=tokens / nfe if nfe else 0.0, latency_ms=timings),
                            self.name)
 
+    def _decode_official(self, rgb: np.ndarray, prepared: list[PreparedRegion], steps: int, temperature: float,
+                         generator: torch.Generator | None, decoded: dict[int, tuple[str, float]],
+                         timings: dict[str, float]) -> tuple[int, int]:
+        """The official rules, pass by pass of at most prompt_numbers masks (request order)."""
+        model, cfg = self.model, self.config
+        per_pass, length = cfg.official.prompt_numbers, cfg.decoding.caption_len
+        h, w = rgb.shape[:2]
+        nfe = tokens = 0
+        timings["vision"] = timings["decode"] = 0.0
+        with torch.inference_mode():
+            for start in range(0, len(prepared), per_pass):
+                part = prepared[start:start + per_pass]
+                mark = self._clock()
+                masks = [r.mask if r.mask is not None else _box_mask(r.box, w, h) for r in part]
+                ps = prepare_pass(model, self.tokenizer, model.special_tokens, rgb, masks, length)
+                dt, mark = self._lap(mark)
+                timings["vision"] += dt
+                result = global_remask_decode(lambda t: ps.logits(model, t), len(part) * length, cfg.mask_token_id,
+                                              steps=steps, temperature=temperature, generator=generator,
+                                              device=self.device)
+                timings["decode"] += self._lap(mark)[0]
+                nfe += result.nfe
+                tokens += result.tokens_committed
+                for slot, k in enumerate(ps.order):  # prompt slot -> the mask's place in this pass
+                    span = slice(slot * length, (slot + 1) * length)
+                    decoded[part[k].index] = self._text(result.tokens[0, span], result.confidence[0, span],
+                                                        model.special_tokens.stop)
+        return nfe, tokens
+
     # -- helpers --------------------------------------------------------------------------------------------------
     def _logits_fn(self, mode: str, prefix: torch.Tensor, roi: torch.Tensor, cache):  # noqa: ANN001
         model = self.model
@@ -156,10 +215,11 @@ class Captioner:
             return fn
         return lambda toks, act: model.dense_logits(prefix, roi[act], toks, structured=structured)
 
-    def _text(self, ids: torch.Tensor, conf: torch.Tensor) -> tuple[str, float]:
+    def _text(self, ids: torch.Tensor, conf: torch.Tensor, stops: Sequence[int] = ()) -> tuple[str, float]:
+        """A caption's text up to its first end token (EOS, or any of `stops`), and its mean confidence."""
         ids_l = ids.tolist()
-        eos = self.config.eos_token_id
-        end = ids_l.index(eos) if eos in ids_l else len(ids_l)
+        ends = {self.config.eos_token_id, *stops}
+        end = next((i for i, t in enumerate(ids_l) if t in ends), len(ids_l))
         confidence = float(conf[: min(end + 1, len(ids_l))].mean())
         body = ids_l[:end]
         if self.tokenizer is None:
@@ -187,6 +247,14 @@ class Captioner:
     def _lap(self, mark: float) -> tuple[float, float]:
         now = self._clock()
         return (now - mark) * 1000.0, now
+
+
+def _box_mask(box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
+    """A box region as the mask the official layout needs: every pixel the box touches."""
+    x1, y1, x2, y2 = box
+    mask = np.zeros((height, width), dtype=bool)
+    mask[int(math.floor(y1)):int(math.ceil(y2)), int(math.floor(x1)):int(math.ceil(x2))] = True
+    return mask
 
 
 def _box_like(box: object) -> bool:

@@ -358,8 +358,34 @@ def main() -> None:
                               "min_top2_gap": gap, "logit_std": spread})
         print(f"{case['name']}: views {rec['views']} grid {rec['aspect']} order {rec['order']} "
               f"T {rec['input_ids'].numel()} top-2 gap >= {gap:.4f}")
+    roi_align_cases(args.out)
+    # The vision tower was built from a temporary directory; name it stably (nothing loads it from there).
+    cfg_path = ckpt / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config["vision_model_config"]["_name_or_path"] = "tiny-siglip"
+    cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (args.out / "fixtures.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(work)
+
+
+def roi_align_cases(out: Path) -> None:
+    """torchvision's roi_align (aligned, sampling ratio 2, as the official code calls it) on random maps, boxes and
+    scales, boxes partly or wholly outside included: the reference for pdlm_ros's own RoI-align."""
+    import torchvision
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    for i in range(64):
+        h, w = torch.randint(2, 24, (2,), generator=g).tolist()
+        feat = torch.randn(3, h, w, generator=g)
+        b = torch.rand(4, generator=g) * torch.tensor([w + 6.0, h + 6.0, w + 6.0, h + 6.0]) - 3.0
+        box = torch.stack([torch.minimum(b[0], b[2]), torch.minimum(b[1], b[3]),
+                           torch.maximum(b[0], b[2]), torch.maximum(b[1], b[3])])
+        scale = float(torch.rand(1, generator=g) * 2 + 0.05)
+        ref = torchvision.ops.roi_align(feat[None], torch.cat([torch.zeros(1), box])[None], (4, 3),
+                                        spatial_scale=scale, sampling_ratio=2, aligned=True)
+        tensors.update({f"{i}.feat": feat, f"{i}.box": box, f"{i}.scale": torch.tensor([scale]), f"{i}.out": ref[0]})
+    save_file(tensors, str(out / "roi_align.safetensors"))
 
 
 def read_commit(repo: Path) -> str:

@@ -25,6 +25,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="torch (reference), onnxruntime (exported ONNX graphs) or tensorrt (engines)")
     p.add_argument("--engine-path", metavar="DIR",
                    help="export directory of `pdlm-ros export` for onnxruntime/tensorrt (default: export on demand)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                   help="weights dtype (auto: the checkpoint's; float32 for a float16 checkpoint on a CPU)")
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def model_dtype(name: str, device: str):  # noqa: ANN201 (torch.dtype | None; torch imported lazily)
+    """--dtype -> torch dtype; auto: None (the checkpoint's), except float32 on a CPU for a float16 checkpoint,
+    which CPUs run through slow emulation (the loader decides; see Captioner.load)."""
+    if name == "auto":
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 def add_json_option(p: argparse.ArgumentParser) -> None:
@@ -45,7 +60,8 @@ def load_captioner(args: argparse.Namespace):  # noqa: ANN201
     from pdlm_ros.runtime import load_captioner as load_backend
 
     return load_backend(args.checkpoint, backend=getattr(args, "backend", "torch"),
-                        engine_path=getattr(args, "engine_path", None), preset=args.preset, device=args.device)
+                        engine_path=getattr(args, "engine_path", None), preset=args.preset, device=args.device,
+                        dtype=model_dtype(getattr(args, "dtype", "auto"), args.device))
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="image file (PNG, JPEG, ...; grayscale, RGBA and 16-bit are converted)")
     p.add_argument("--box", action="append", default=[], metavar="X1,Y1,X2,Y2", help="a region box in pixels")
     p.add_argument("--mask", action="append", default=[], metavar="PNG", help="a region mask image (non-zero = in)")
-    p.add_argument("--mode", default="parallel", choices=MODES)
+    p.add_argument("--mode", default="auto", choices=MODES,
+                   help="decoding mode (default auto: parallel, or official for the released PerceptionDLM)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 32)")
     p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy, deterministic)")
     p.add_argument("--seed", type=int, help="seed for temperature sampling")

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="OUT", help="output directory")
     p.add_argument("--annotations", metavar="FILE",
                    help="ground truth (from make-sample-bag) to score captions ParaDLC-style")
-    p.add_argument("--mode", choices=MODES, default="parallel", help="decoding mode (default parallel)")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help="decoding mode (default auto: parallel, or official for the released PerceptionDLM)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     p.add_argument("--slop", type=float, default=0.0, metavar="SECONDS",
                    help="pair stamps that differ by at most this much (default 0: exact)")

@@ -55,7 +55,7 @@ class ReplayOptions:
     image_topic: str
     detections_topic: str | None = None
     mask_topic: str | None = None
-    mode: str = "parallel"
+    mode: str = "auto"  # the checkpoint layout's default
     steps: int | None = None  # denoising steps (None: the model's default)
     annotated: bool = False  # also write an annotated image per pair
     slop_s: float = 0.0  # stamp tolerance for pairing; 0 = exact (detectors copy the image header)

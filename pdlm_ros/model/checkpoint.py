@@ -134,7 +134,8 @@ def load_streaming(model: nn.Module, files: list[Path], key_fn: Callable[[str], 
     """Fill a model built on the meta device from safetensors shards, one tensor at a time.
 
     key_fn maps a checkpoint key to the model's name (None: not the model's, skipped). Keys and shapes are checked
-    before anything is read. dtype None: the floating dtype that holds most of the checkpoint's elements. `tied`
+    before anything is read. dtype None: the floating dtype that holds most of the checkpoint's elements (float32 in
+    place of float16 on a CPU, which emulates float16 arithmetic slowly and lacks some of its kernels). `tied`
     maps a model key missing from the checkpoint to the key whose tensor it shares (an untied head's fallback).
     Returns the floating dtype used.
     """
@@ -162,6 +163,8 @@ def load_streaming(model: nn.Module, files: list[Path], key_fn: Callable[[str], 
     check_keys(expected, shapes, what)
     if dtype is None:
         dtype = counts.most_common(1)[0][0] if counts else torch.float32
+        if dtype == torch.float16 and torch.device(device).type == "cpu":
+            dtype = torch.float32
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, (f, k) in index.items():
         by_file.setdefault(f, []).append((name, k))

@@ -221,8 +221,9 @@ class GraphCaptioner(Captioner):
         super().__init__(model, tokenizer, name=name or f"{backend.manifest.model_name} ({backend.kind})")  # type: ignore[arg-type]
         self.backend = backend
 
-    def caption(self, image: object, regions: Sequence[RegionInput], *, mode: str = "parallel",
+    def caption(self, image: object, regions: Sequence[RegionInput], *, mode: str = "auto",
                 **kwargs: Any) -> FrameResult:
+        mode = self.resolve_mode(mode)
         if mode not in CACHED_MODES:
             raise ConfigError(f"mode {mode!r} recomputes the whole sequence every step and has no exported graph; "
                               f"the {self.backend.kind} backend runs {', '.join(CACHED_MODES)} "
