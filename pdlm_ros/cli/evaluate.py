@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--max-judge-calls", type=int, default=None, metavar="N",
                        help="hard limit on judge requests, retries included (default: the official scripts', 5000 "
                             "for paradlc and 1000 for dlcbench); cached answers do not count")
+    bench.add_argument("--masks-per-pass", type=int, default=None, metavar="N",
+                       help="masks per caption call (default: the official inference's, 1 for dlcbench and as many "
+                            "as the model takes for paradlc; 0: as many as the model takes)")
     bench.add_argument("--out", metavar="DIR", default=None,
                        help="report and cache folder (default: out/eval-BENCH); a rerun continues from its caches")
     parser.add_argument("--details", action="store_true", help="include every region's caption and answers in JSON")
@@ -161,6 +164,8 @@ def _run_bench(args: argparse.Namespace, progress: bool) -> Any:
     bench = open_benchmark(args.bench, args.annotations, args.images)  # read and checked before the model loads
     if args.regions is not None and args.regions < 1:
         raise DatasetError(f"--regions must be >= 1 (got {args.regions}): there is nothing to evaluate")
+    if args.masks_per_pass is not None and args.masks_per_pass < 0:
+        raise DatasetError(f"--masks-per-pass must be >= 0 (got {args.masks_per_pass})")
     bench.check_images(args.regions)
     client = JudgeClient(base_url=args.judge_url, model=args.judge_model, api_key=os.environ.get("OPENAI_API_KEY"),
                          timeout=args.judge_timeout, retries=args.judge_retries, concurrency=args.judge_concurrency,
@@ -171,7 +176,8 @@ def _run_bench(args: argparse.Namespace, progress: bool) -> Any:
     out = Path(args.out or f"out/eval-{args.bench}")
     report = run_benchmark(captioner, bench, client, model_id=_model_id(args), checkpoint=args.checkpoint,
                            mode=mode, steps=args.steps, cache_dir=out / "cache", limit=args.regions,
-                           progress=progress, check=False)
+                           progress=progress, check=False,
+                           masks_per_pass="official" if args.masks_per_pass is None else (args.masks_per_pass or None))
     from pdlm_ros.eval.report import write_benchmark_report
 
     try:

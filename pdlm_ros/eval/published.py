@@ -3,7 +3,8 @@
 Two phases, each resumable from a cache:
 1. caption: every image's regions go to the captioner together, in passes of at most the model's `max_regions`
    (the official script's `prompt_numbers`), formed in qa.json order and sorted by mask area, largest first, within a
-   pass (what the official inference does, and what the released model was trained on). NFE, tokens and the wall
+   pass (what the official inference does, and what the released model was trained on). DLC-Bench's official
+   inference takes one mask per pass, and so does this by default (`masks_per_pass`). NFE, tokens and the wall
    time of each `caption` call are summed: the benchmark's "total time" is captioning time only.
 2. judge: for every region, a recognition question, then its qa.json questions, each one request to an
    OpenAI-compatible chat endpoint, with the official prompt, temperature 0, max_tokens 300. ParaDLC-Bench's judge
@@ -82,13 +83,15 @@ class BenchProtocol:
     recognition: Callable[[str], Question]
     default_max_calls: int  # the official scripts' --api-call-limit default
     reference_judge: str  # the judge the published numbers used
+    masks_per_pass: int | None  # the official inference's: None = as many as the model takes
 
 
 PROTOCOLS = {
     "paradlc": BenchProtocol("paradlc", "ParaDLC-Bench", True, PARADLC_PROMPT, paradlc_recognition_question, 5000,
-                             "gpt-5.2-2025-12-11 (Azure OpenAI)"),
+                             "gpt-5.2-2025-12-11 (Azure OpenAI)", None),
+    # DLC-Bench is single-region: its official inference captions one mask per pass
     "dlcbench": BenchProtocol("dlcbench", "DLC-Bench", False, DLC_PROMPT, recognition_question, 1000,
-                              "Llama-3.1-8B-Instruct (vLLM)"),
+                              "Llama-3.1-8B-Instruct (vLLM)", 1),
 }
 
 
@@ -238,13 +241,17 @@ def _passes(items: Sequence[BenchItem], masks: Sequence[np.ndarray], per_pass: i
 
 def caption_benchmark(captioner: CaptionerLike, bench: Benchmark, *, mode: str = "auto",
                       steps: int | None = None, cache: JsonCache | None = None, limit: int | None = None,
-                      progress: bool = False) -> CaptionRun:
-    """Caption every region of the benchmark (first `limit` regions), one image at a time."""
+                      masks_per_pass: int | None = None, progress: bool = False) -> CaptionRun:
+    """Caption every region of the benchmark (first `limit` regions), one image at a time, at most
+    `masks_per_pass` masks per caption call (None: as many as the model takes in one pass)."""
     from pdlm_ros.eval.harness import resolve_mode
 
     mode = resolve_mode(captioner, mode)
     run = CaptionRun()
-    per_pass = None if mode.startswith("sequential") else _per_pass(captioner)
+    if masks_per_pass is not None and masks_per_pass < 1:
+        raise ConfigError(f"masks per pass must be >= 1 (got {masks_per_pass})")
+    limits = [n for n in (_per_pass(captioner), masks_per_pass) if n is not None]
+    per_pass = None if mode.startswith("sequential") or not limits else min(limits)
     groups = bench.groups(limit)
     bar = tqdm(total=sum(len(g) for _, g in groups), unit="region", desc=f"caption {mode}", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
@@ -461,6 +468,7 @@ class BenchReport:
     scores: Any  # BenchmarkScores
     judgements: list[Judgement] = field(repr=False)
     captions: CaptionRun = field(repr=False)
+    masks_per_pass: int | None = None  # None: the model's limit
     judge_calls: int = 0
     judge_cached: int = 0
     judge_seconds: float = 0.0
@@ -485,6 +493,7 @@ class BenchReport:
             "benchmark": self.title, "table": self.table_row(), "scores": self.scores.to_dict(),
             "model": self.model, "model_id": self.model_id, "mode": self.mode, "steps": self.steps,
             "captioning": {"images": c.images, "regions": len(c.captions) + len(c.errors), "passes": c.passes,
+                           "masks_per_pass": self.masks_per_pass,
                            "nfe": c.nfe, "tokens": c.tokens, "tpf": round(c.tpf, 4), "seconds": round(c.seconds, 3),
                            "cached_images": c.cached_images},
             "judge": {**self.judge, "protocol": self.title, "reference_judge": PROTOCOLS[self.bench].reference_judge,
@@ -528,9 +537,10 @@ def _fingerprint(checkpoint: str | Path | None) -> str:
 def run_benchmark(captioner: CaptionerLike, bench: Benchmark, client: JudgeClient, *, model_id: str,
                   checkpoint: str | Path | None = None, mode: str = "auto", steps: int | None = None,
                   cache_dir: str | Path | None = None, limit: int | None = None, progress: bool = False,
-                  check: bool = True) -> BenchReport:
+                  check: bool = True, masks_per_pass: int | None | str = "official") -> BenchReport:
     """Caption, judge and score `bench`; caches live in `cache_dir` (None: no cache). `check`: probe the judge
-    first (the CLI does so before loading the model)."""
+    first (the CLI does so before loading the model). `masks_per_pass`: "official" (the benchmark's own inference:
+    1 for DLC-Bench, the model's limit for ParaDLC-Bench), None (the model's limit) or a number."""
     from datetime import datetime, timezone
 
     from pdlm_ros.eval.scoring import benchmark_scores
@@ -539,6 +549,9 @@ def run_benchmark(captioner: CaptionerLike, bench: Benchmark, client: JudgeClien
 
     protocol = PROTOCOLS[bench.name]
     mode = resolve_mode(captioner, mode)
+    per_pass = protocol.masks_per_pass if masks_per_pass == "official" else masks_per_pass
+    if per_pass is not None and not isinstance(per_pass, int):
+        raise ConfigError(f"masks_per_pass must be 'official', None or a number (got {masks_per_pass!r})")
     if limit is not None and limit < 1:
         raise DatasetError(f"number of regions to evaluate must be >= 1 (got {limit})")
     if not len(bench):
@@ -547,7 +560,7 @@ def run_benchmark(captioner: CaptionerLike, bench: Benchmark, client: JudgeClien
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
         meta = {"bench": bench.name, "model": model_id, "fingerprint": _fingerprint(checkpoint), "mode": mode,
-                "steps": steps}
+                "steps": steps, "masks_per_pass": per_pass}
         slug = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
         caption_cache = JsonCache(cache_dir / f"captions-{bench.name}-{mode}-{slug}.json", meta, every=5)
         judge_slug = hashlib.sha256(client.model.encode()).hexdigest()[:8]
@@ -558,11 +571,11 @@ def run_benchmark(captioner: CaptionerLike, bench: Benchmark, client: JudgeClien
         client.check(protocol)  # before any captioning is spent
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     captions = caption_benchmark(captioner, bench, mode=mode, steps=steps, cache=caption_cache, limit=limit,
-                                 progress=progress)
+                                 masks_per_pass=per_pass, progress=progress)
     t0 = time.perf_counter()
     judgements = judge_benchmark(bench, protocol, captions, client, limit=limit, progress=progress)
     return BenchReport(bench=bench.name, model=str(getattr(captioner, "name", "")), model_id=model_id, mode=mode,
                        steps=steps, judge=client.describe(), scores=benchmark_scores(judgements),
-                       judgements=judgements, captions=captions, judge_calls=client.calls,
+                       judgements=judgements, captions=captions, masks_per_pass=per_pass, judge_calls=client.calls,
                        judge_cached=client.cached, judge_seconds=time.perf_counter() - t0, created=created,
                        machine=machine_description())

@@ -378,7 +378,9 @@ def _bench_html(doc: dict[str, Any]) -> str:
              _table(["setting", "value"], [
                  ("model", f"{doc['model']} ({doc['model_id']})"), ("mode", doc["mode"]),
                  ("steps", doc["steps"] if doc["steps"] is not None else "model default"),
-                 ("regions / images / caption passes", f"{s['regions']} / {c['images']} / {c['passes']}"),
+                 ("regions / images / caption passes", f"{s['regions']} / {c['images']} / {c['passes']} ("
+                  + (f"at most {c['masks_per_pass']} masks" if c["masks_per_pass"] else "as many masks as the model "
+                     "takes") + " a pass)"),
                  ("NFE total / tokens / TPF", f"{c['nfe']} / {c['tokens']} / {c['tpf']:.2f}"),
                  ("captioning time", f"{c['seconds']:.1f} s ({c['cached_images']} images from the cache)"),
                  ("judge", f"{j['model']} at {j['endpoint']} ({j['protocol']} protocol; published numbers used "

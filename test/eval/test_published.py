@@ -486,6 +486,7 @@ def test_a_run_stopped_midway_continues_where_it_stopped(bundled, tmp_path):
     finally:
         srv.close()
     assert len(srv.requests) == 1 + n_questions - 10  # the check, then only what was not answered
+    assert report.captions.passes == 5 and report.masks_per_pass == 1  # DLC-Bench's inference: one mask a pass
     assert report.judge_cached == 10
     # DLC-Bench's judge reads text only
     assert all(isinstance(r["body"]["messages"][0]["content"], str) for r in srv.requests)
