@@ -3,7 +3,11 @@
 - `RuleJudge`: offline and exact, for the synthetic questions (closed vocabulary, one word per attribute value).
 - `OpenAIJudge`: any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, OpenAI), following DAM's DLC-Bench
   protocol: the same prompt, temperature 0, max_tokens 300, the recognition question first, the reply parsed into a
-  choice. Standard-library HTTP (urllib), so evaluation needs no client package.
+  choice (with `parse_choice`, stricter than the official heuristics, and retries on replies naming no choice), for
+  the synthetic questions. Standard-library HTTP (urllib, `chat_completion`), so evaluation needs no client package.
+- The published benchmarks' own protocol pieces, used by `pdlm_ros.eval.published`: `PARADLC_PROMPT`,
+  `paradlc_recognition_question`, `format_question_official` and `parse_choice_official` (the official heuristics as
+  published, no retries: a reply naming no choice scores 0).
 
 A question is `right` only when its chosen choice carries the question's best score (> 0): the correct value for a
 positive, "not mentioned" for a negative. A question the judge could not answer is `failed`, carries the reason, scores
@@ -35,6 +39,8 @@ __all__ = [
     "RuleJudge",
     "OpenAIJudge",
     "refused_judgement",
+    "gated_result",
+    "failed_result",
     "parse_choice",
     "recognition_question",
     "DLC_PROMPT",
@@ -106,21 +112,23 @@ def _is_right(score: float, question: Question) -> bool:
     return score > 0 and score == question.best_score
 
 
-def _result(question: Question, choice: int, recognized: bool | None, reply: str = "") -> QuestionResult:
+def gated_result(question: Question, choice: int, recognized: bool | None, reply: str = "") -> QuestionResult:
+    """The chosen choice's score, capped at 0 when the region's object was not recognised (the recognition gate)."""
     score = float(question.choices[choice][1])
     if recognized is False:  # DLC-Bench: a caption naming the wrong object earns nothing (score at most 0)
         score = min(0.0, score)
     return QuestionResult(question=question, choice=choice, score=score, right=_is_right(score, question), reply=reply)
 
 
-def _failed(question: Question, reason: str, reply: str = "") -> QuestionResult:
+def failed_result(question: Question, reason: str, reply: str = "") -> QuestionResult:
+    """A question without an answer (no parsable choice, or a refused region): scored 0, never right."""
     return QuestionResult(question=question, choice=None, score=0.0, right=False, failed=True, reason=reason,
                           reply=reply)
 
 
 def refused_judgement(key: str, questions: Sequence[Question], reason: str, class_name: str = "") -> Judgement:
     """A region the captioner refused: every question failed (never right), with the captioner's reason."""
-    return Judgement(key=key, caption="", results=[_failed(q, f"region refused: {reason}") for q in questions],
+    return Judgement(key=key, caption="", results=[failed_result(q, f"region refused: {reason}") for q in questions],
                      class_name=class_name, refused=reason)
 
 
@@ -167,7 +175,7 @@ class RuleJudge:
             choice = next((i for i, (_, s) in enumerate(q.choices) if s == want), None)
             if choice is None:
                 raise JudgeError(f"question {q.text!r} has no choice scored {want}: {q.choices}")
-            results.append(_result(q, choice, recognized))
+            results.append(gated_result(q, choice, recognized))
         return Judgement(key=key, caption=caption, results=results, recognized=recognized,
                          class_name=class_name or "")
 
@@ -303,11 +311,9 @@ def parse_choice_official(reply: str, choices: Sequence[str]) -> int | None:
     return None
 
 
-class _Retryable(Exception):
+class Retryable(Exception):
     """A transient failure (connection, timeout, 5xx, 429, unusable body): try again after a pause."""
 
-
-Retryable = _Retryable
 
 
 def chat_completion(base_url: str, model: str, messages: list[dict], *, api_key: str | None = None,
@@ -338,19 +344,19 @@ def chat_completion(base_url: str, model: str, messages: list[dict], *, api_key:
     except urllib.error.HTTPError as err:
         detail = err.read()[:300].decode(errors="replace").strip()
         if err.code >= 500 or err.code in (408, 429):
-            raise _Retryable(f"HTTP {err.code} from {url}: {detail}") from err
+            raise Retryable(f"HTTP {err.code} from {url}: {detail}") from err
         raise JudgeError(f"judge endpoint {url} refused the request with HTTP {err.code}: {detail} "
                          f"(check --judge-model {model!r} and the API key)") from err
     except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
             http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
-        raise _Retryable(f"cannot reach {url}: {reason}") from err
+        raise Retryable(f"cannot reach {url}: {reason}") from err
     try:
         content = json.loads(raw)["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError) as err:
-        raise _Retryable(f"unusable response from {url} (not an OpenAI chat completion): {raw[:200]!r}") from err
+        raise Retryable(f"unusable response from {url} (not an OpenAI chat completion): {raw[:200]!r}") from err
     if not isinstance(content, str):
-        raise _Retryable(f"unusable response from {url}: message content is {type(content).__name__}")
+        raise Retryable(f"unusable response from {url}: message content is {type(content).__name__}")
     return content
 
 
@@ -408,7 +414,7 @@ class OpenAIJudge:
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), 30.0))
             try:
                 reply = self._post(prompt, self.max_tokens)
-            except _Retryable as err:
+            except Retryable as err:
                 reason = str(err)
                 log.warning("judge attempt %d/%d failed: %s", attempt + 1, self.retries + 1, reason)
                 continue
@@ -434,7 +440,7 @@ class OpenAIJudge:
             try:
                 self._post("Answer with the single letter A.", 1)
                 return
-            except _Retryable as err:
+            except Retryable as err:
                 reason = str(err)
         raise JudgeError(f"judge endpoint {self.base_url} is not answering ({reason}). Start an OpenAI-compatible "
                          f"server there (e.g. `vllm serve {self.model}`) or use --judge rule")
@@ -451,7 +457,8 @@ class OpenAIJudge:
         for q in questions:
             choice, reply, reason = self._ask(q, caption)
             self._track(choice is None, reason)
-            results.append(_failed(q, reason, reply) if choice is None else _result(q, choice, recognized, reply))
+            results.append(failed_result(q, reason, reply) if choice is None
+                           else gated_result(q, choice, recognized, reply))
         return Judgement(key=key, caption=caption, results=results, recognized=recognized,
                          class_name=class_name or "", recognition_reply=recognition_reply)
 

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pdlm_ros.errors import CheckpointError, ConfigError, DatasetError, JudgeError, PDLMError
+from pdlm_ros.eval.cache import JsonCache
 from pdlm_ros.eval.dlcbench import Benchmark, BenchItem
 from pdlm_ros.eval.judges import (
     DLC_PROMPT,
@@ -54,8 +54,8 @@ from pdlm_ros.eval.judges import (
     Judgement,
     QuestionResult,
     Retryable,
-    _failed,
-    _result,
+    failed_result,
+    gated_result,
     chat_completion,
     format_question_official,
     paradlc_recognition_question,
@@ -66,9 +66,8 @@ from pdlm_ros.eval.judges import (
 from pdlm_ros.eval.questions import Question
 from pdlm_ros.types import CaptionerLike, RegionInput
 
-__all__ = ["PROTOCOLS", "BenchProtocol", "JsonCache", "JudgeClient", "CaptionRun", "focal_crop", "judge_messages",
-           "caption_benchmark", "judge_benchmark", "BenchReport", "run_benchmark", "machine_description",
-           "atomic_write_text"]
+__all__ = ["PROTOCOLS", "BenchProtocol", "JudgeClient", "CaptionRun", "focal_crop", "judge_messages",
+           "caption_benchmark", "judge_benchmark", "BenchReport", "run_benchmark", "machine_description"]
 
 log = logging.getLogger(__name__)
 
@@ -133,73 +132,6 @@ def judge_messages(protocol: BenchProtocol, caption: str, question: Question,
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{images[1]}"}},
         {"type": "text", "text": f"\n{prompt}\n"},
     ]}]
-
-
-# ----------------------------------------------------------------------------------------------------------- cache
-class JsonCache:
-    """A dict persisted as one JSON file, rewritten atomically (temp file + rename) every `every` updates and on
-    `flush()`; a crash loses at most the updates since the last write, never the file."""
-
-    def __init__(self, path: str | Path, meta: dict[str, Any], every: int = 25) -> None:
-        self.path = Path(path)
-        self.meta = meta
-        self.every = every
-        self._lock = threading.Lock()
-        self._dirty = 0
-        self.data: dict[str, Any] = {}
-        if self.path.is_file():
-            try:
-                doc = json.loads(self.path.read_text())
-                self.data = dict(doc["entries"])
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-                raise DatasetError(f"cache file {self.path} is damaged ({err}); delete it to start over") from err
-            if doc.get("meta") != meta:
-                raise DatasetError(f"cache file {self.path} belongs to another run ({doc.get('meta')} vs {meta}); "
-                                   "delete it or use another --out")
-        self.loaded = len(self.data)
-
-    def get(self, key: str) -> Any:
-        with self._lock:
-            return self.data.get(key)
-
-    def __contains__(self, key: str) -> bool:
-        with self._lock:
-            return key in self.data
-
-    def put(self, key: str, value: Any) -> None:
-        with self._lock:
-            self.data[key] = value
-            self._dirty += 1
-            if self._dirty >= self.every:
-                self._write()
-
-    def flush(self) -> None:
-        with self._lock:
-            if self._dirty:
-                self._write()
-
-    def _write(self) -> None:
-        atomic_write_text(self.path, json.dumps({"meta": self.meta, "entries": self.data}))
-        self._dirty = 0
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)  # read once: os.umask can only be read by setting it, which is not thread-safe
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write through a temporary file in the same folder and a rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------- caption
@@ -395,8 +327,8 @@ def _region_judgement(item: BenchItem, caption: str, recognition: Question, rec_
     results: list[QuestionResult] = []
     for q, reply in zip(item.questions, replies):
         choice = parse_choice_official(reply, [c for c, _ in q.choices])
-        results.append(_failed(q, f"reply names no choice: {reply.strip()[:120]!r}", reply) if choice is None
-                       else _result(q, choice, recognized, reply))
+        results.append(failed_result(q, f"reply names no choice: {reply.strip()[:120]!r}", reply) if choice is None
+                       else gated_result(q, choice, recognized, reply))
     return Judgement(key=item.ann_id, caption=caption, results=results, recognized=recognized,
                      class_name=item.class_name, recognition_reply=rec_reply)
 

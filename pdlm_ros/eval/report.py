@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pdlm_ros.data.bags import Annotations, FrameTruth
+from pdlm_ros.eval.cache import atomic_write_text
 from pdlm_ros.data.scenes import Scene, SceneObject
 from pdlm_ros.eval.judges import Judgement, RuleJudge, refused_judgement
 from pdlm_ros.eval.questions import build_questions
@@ -408,8 +409,6 @@ def _bench_html(doc: dict[str, Any]) -> str:
 def write_benchmark_report(report: Any, out: Path | str) -> tuple[Path, Path]:
     """Write `<bench>-<mode>.json` (everything, every answer) and `.html` (Table 2, the run, the regions) into
     `out`, each through a temporary file and a rename, so a crash never leaves half a report."""
-    from pdlm_ros.eval.published import atomic_write_text
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     doc = _finite(report.to_dict(details=True))

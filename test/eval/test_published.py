@@ -26,14 +26,14 @@ from pdlm_ros.errors import DatasetError, JudgeError
 from pdlm_ros.eval.dlcbench import DLCBench, ParaDLCBench, open_benchmark, rle_decode
 from pdlm_ros.eval.judges import (
     QuestionResult,
-    _failed,
+    failed_result,
     paradlc_recognition_question,
     parse_choice_official,
     recognition_question,
 )
+from pdlm_ros.eval.cache import JsonCache
 from pdlm_ros.eval.published import (
     PROTOCOLS,
-    JsonCache,
     JudgeClient,
     _region_judgement,
     caption_benchmark,
@@ -261,7 +261,7 @@ def test_refused_regions_score_zero_without_judging():
 
 
 def test_failed_results_are_zero_and_never_right():
-    r: QuestionResult = _failed(_q("positive", POS), "reply names no choice")
+    r: QuestionResult = failed_result(_q("positive", POS), "reply names no choice")
     assert (r.score, r.right, r.failed) == (0.0, False, True)
 
 
