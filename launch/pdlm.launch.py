@@ -1,10 +1,11 @@
 """Launch the pdlm_ros captioning node.
 
-  ros2 launch pdlm_ros pdlm.launch.py image_topic:=/camera/color/image_raw detections_topic:=/yolo/tracking
+  ros2 launch pdlm_ros pdlm.launch.py image_topic:=/camera/color/image_raw detections_topic:=/detections
   ros2 launch pdlm_ros pdlm.launch.py use_compressed:=true region_source:=instance_mask namespace:=robot1
 
-The node uses relative topic names (image, image/compressed, detections, instance_mask, captions, annotated_image)
-under `namespace`; each launch argument below remaps one of them. Parameters come from `params_file`; the model
+The node uses relative topic names (image, image/compressed, detections, instance_mask, captions, annotated_image,
+annotations, model_info) under `namespace`; each launch argument below remaps one of them. Its services (describe,
+enable) and lifecycle/parameter services stay under the node's name. Parameters come from `params_file`; the model
 arguments (backend, checkpoint, engine_path, device, ...) override it only when given (empty = keep the file's value).
 """
 
@@ -22,7 +23,10 @@ REMAPS = (
     ("instance_mask", "instance_mask_topic", "/instance_mask"),
     ("captions", "captions_topic", "captions"),
     ("annotated_image", "annotated_image_topic", "annotated_image"),
+    ("annotations", "annotations_topic", "annotations"),
+    ("model_info", "model_info_topic", "model_info"),
 )
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "fatal")
 # (launch argument, node parameter, type, help); an empty value leaves the params file's value in force
 OVERRIDES = (
     ("backend", "backend", "str", "inference backend: torch, onnxruntime or tensorrt"),
@@ -42,6 +46,9 @@ def _node(context):
         return LaunchConfiguration(name).perform(context)
 
     overrides = {param: _CAST[kind](arg(name)) for name, param, kind, _ in OVERRIDES if arg(name) != ""}
+    level = arg("log_level").strip().lower()
+    if level not in LOG_LEVELS:  # any case, as ros2 run --log-level takes it
+        raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)} in any case (got {arg('log_level')!r})")
     return [Node(
         package="pdlm_ros",
         executable="pdlm_node",
@@ -49,7 +56,7 @@ def _node(context):
         namespace=arg("namespace"),
         parameters=[arg("params_file"), overrides],
         remappings=[(rel, arg(name)) for rel, name, _ in REMAPS],
-        arguments=["--transport", arg("transport"), "--log-level", arg("log_level")],
+        arguments=["--transport", arg("transport"), "--log-level", level],
         output="screen",
         emulate_tty=True,
     )]
@@ -64,8 +71,8 @@ def generate_launch_description() -> LaunchDescription:
             description="ROS 2 parameters file"),
         DeclareLaunchArgument("transport", default_value="auto", choices=["auto", "rclpy", "dds"],
                               description="rclpy (lifecycle node) or dds (ROS-less); auto prefers rclpy"),
-        DeclareLaunchArgument("log_level", default_value="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                              description="node log level"),
+        DeclareLaunchArgument("log_level", default_value="info",
+                              description="node log level: " + ", ".join(LOG_LEVELS) + " (any case)"),
     ]
     args += [DeclareLaunchArgument(name, default_value=default, description=f"topic remapped to the node's '{rel}'")
              for rel, name, default in REMAPS]

@@ -24,13 +24,25 @@ parameters (-p name:=value, or in a params file under /**: ros__parameters:):
 """ + "\n".join(f"  {p.name:<22} {p.default!r:<14} {p.description}" for p in PARAMS)
 
 
+_LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARN": "WARNING", "WARNING": "WARNING", "ERROR": "ERROR",
+           "FATAL": "CRITICAL", "CRITICAL": "CRITICAL"}
+
+
+def _level(text: str) -> str:
+    """A log level in ROS or Python spelling, any case -> the Python name."""
+    level = _LEVELS.get(text.strip().upper())
+    if level is None:
+        raise argparse.ArgumentTypeError(f"unknown log level {text!r}; choose debug, info, warn, error or fatal")
+    return level
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=["auto", "rclpy", "dds"], default="auto",
                    help="middleware: rclpy (ROS 2 installed) or dds (ROS-less Cyclone DDS); auto prefers rclpy")
     p.add_argument("--params-file", action="append", default=[], metavar="FILE",
                    help="ROS 2 parameters YAML (same as --ros-args --params-file FILE); may repeat")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="log level of the node (stderr)")
+    p.add_argument("--log-level", default="INFO", type=_level, metavar="LEVEL",
+                   help="log level of the node: debug, info, warn, error, fatal (any case)")
     p.add_argument("--ros-args", nargs=argparse.REMAINDER, default=[], metavar="ARGS",
                    help="ROS arguments: -r from:=to, -r __ns:=/ns, -r __node:=name, -p name:=value, "
                         "--params-file FILE (everything after --ros-args)")
@@ -40,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
     level = args.log_level
     ros_args = list(args.ros_args)
     if "--log-level" in ros_args[:-1]:
-        level = ros_args[ros_args.index("--log-level") + 1].split(":=")[-1].upper()
-    level = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(level, level)  # ROS spellings
+        level = _LEVELS.get(ros_args[ros_args.index("--log-level") + 1].split(":=")[-1].upper(), level)
     logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
                         format="[%(levelname)s] [%(asctime)s] [%(name)s]: %(message)s")
     for path in reversed(args.params_file):  # before --ros-args' own files and -p, as if given first there
@@ -54,4 +65,4 @@ def run(args: argparse.Namespace) -> int:
     if transport.name == "dds":  # rclpy installs its own handlers and shuts itself down
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    return transport.run(ros_args, stop)
+    return transport.run(ros_args, stop, log_level=level)

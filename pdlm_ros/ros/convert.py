@@ -11,6 +11,7 @@ robots, see the numpy 2 / cv_bridge reports) and only decode; here we need both 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from PIL import Image as PILImage
 
 from pdlm_ros.errors import ImageInputError
 from pdlm_ros.ros import messages as M
-from pdlm_ros.types import FrameResult, RegionInput
+from pdlm_ros.types import FrameResult, RegionCaption, RegionInput
 
 __all__ = [
     "SUPPORTED_ENCODINGS",
@@ -36,6 +37,8 @@ __all__ = [
     "regions_from_instance_mask",
     "detection_array_msg",
     "caption_array_msg",
+    "image_annotations_msg",
+    "scale_regions",
 ]
 
 # encoding -> (channels, bytes per channel, channel order). 8UC3/8UC4 are taken as BGR/BGRA, the order of the OpenCV
@@ -268,3 +271,44 @@ def caption_array_msg(result: FrameResult, header: Any, ages: Sequence[float] | 
     total = result.stats.latency_ms.get("total", 0.0) if latency_ms is None else latency_ms
     return t[M.CAPTION_ARRAY](header=header, model=result.model_name, nfe=int(result.stats.nfe),
                               tpf=float(result.stats.tpf), latency_ms=float(total), regions=regions)
+
+
+def scale_regions(regions: Sequence[RegionInput], sx: float, sy: float) -> list[RegionInput]:
+    """Boxes given in another image's pixels (a detector's resized network input) -> this image's pixels."""
+    out = []
+    for reg in regions:
+        if reg.box is not None:
+            x1, y1, x2, y2 = (float(v) for v in reg.box)
+            reg = dataclasses.replace(reg, box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+        out.append(reg)
+    return out
+
+
+def _color(rgb: tuple[int, int, int], a: float = 1.0) -> Any:
+    return _types()["foxglove_msgs/msg/Color"](r=rgb[0] / 255.0, g=rgb[1] / 255.0, b=rgb[2] / 255.0, a=a)
+
+
+def image_annotations_msg(regions: Sequence[RegionCaption], header: Any, font_size: float = 12.0) -> Any:
+    """foxglove_msgs/ImageAnnotations for one frame: per region a closed box outline and a text label with its id
+    and caption (its error when refused), stamped with the image's stamp so Foxglove draws them over that image.
+    Colours follow `viz.track_color` (one per track id, red for refused regions), as in annotated_image."""
+    from pdlm_ros.viz import track_color
+
+    t = _types()
+    point, stamp = t["foxglove_msgs/msg/Point2"], header.stamp
+    outlines, texts = [], []
+    for r in regions:
+        if r.box is None or not all(math.isfinite(v) for v in r.box):
+            continue
+        x1, y1, x2, y2 = (float(v) for v in r.box)
+        rgb = (255, 0, 0) if r.error else track_color(r.region_id, r.index)
+        outlines.append(t["foxglove_msgs/msg/PointsAnnotation"](
+            timestamp=stamp, type=t["foxglove_msgs/msg/PointsAnnotation"].LINE_LOOP,
+            points=[point(x=x1, y=y1), point(x=x2, y=y1), point(x=x2, y=y2), point(x=x1, y=y2)],
+            outline_color=_color(rgb), outline_colors=[], fill_color=_color(rgb, 0.0), thickness=2.0))
+        head = f"{r.region_id}: " if r.region_id else ""
+        text = f"{head}{r.error}" if r.error else f"{head}{r.caption}{' *' if r.cached else ''}"
+        texts.append(t["foxglove_msgs/msg/TextAnnotation"](
+            timestamp=stamp, position=point(x=x1, y=max(y1 - 2.0, font_size)), text=text, font_size=font_size,
+            text_color=_color((255, 255, 255)), background_color=_color(rgb, 0.7)))
+    return t[M.IMAGE_ANNOTATIONS](circles=[], points=outlines, texts=texts)

@@ -31,6 +31,8 @@ __all__ = [
     "CAPTION_ARRAY",
     "CAPTION",
     "DIAGNOSTIC_ARRAY",
+    "MODEL_INFO",
+    "IMAGE_ANNOTATIONS",
     "VISION_MSGS",
     "msg_dir",
     "project_msgs",
@@ -47,6 +49,8 @@ DETECTION_ARRAY = "vision_msgs/msg/Detection2DArray"
 CAPTION_ARRAY = f"{PACKAGE}/msg/RegionCaptionArray"
 CAPTION = f"{PACKAGE}/msg/RegionCaption"
 DIAGNOSTIC_ARRAY = "diagnostic_msgs/msg/DiagnosticArray"
+MODEL_INFO = f"{PACKAGE}/msg/ModelInfo"
+IMAGE_ANNOTATIONS = "foxglove_msgs/msg/ImageAnnotations"
 
 # vision_msgs 4.x (ros-perception/vision_msgs, branch ros2), comments trimmed. Order matters: a type is registered
 # after the types its fields use.
@@ -64,17 +68,20 @@ VISION_MSGS: dict[str, str] = {
 }
 
 # Our messages, in dependency order (RegionCaptionArray holds RegionCaption[]).
-_PROJECT_TYPES = ("RegionCaption", "RegionCaptionArray")
+_PROJECT_TYPES = ("RegionCaption", "RegionCaptionArray", "ModelInfo")
+# Foxglove's image annotations (third_party/foxglove_msgs: the upstream definitions), in dependency order.
+_FOXGLOVE_TYPES = ("Color", "Point2", "CircleAnnotation", "PointsAnnotation", "TextAnnotation", "ImageAnnotations")
 
 
-def _candidate_dirs() -> list[Path]:
+def _candidate_dirs(package: str = PACKAGE) -> list[Path]:
     here = Path(__file__).resolve()
-    dirs = [here.parents[2] / "msg"]  # a checkout or an editable install: <repo>/msg
+    # a checkout or an editable install: <repo>/msg, <repo>/third_party/foxglove_msgs/msg
+    dirs = [here.parents[2] / "msg" if package == PACKAGE else here.parents[2] / "third_party" / package / "msg"]
     # data_files land under the install scheme's data path (/usr/local on Debian's system pip), sys.prefix (venvs)
     # or the user base (pip --user); colcon installs them under share/ of an AMENT_PREFIX_PATH entry
     prefixes = [sysconfig.get_paths()["data"], sys.prefix, getattr(site, "USER_BASE", None) or ""]
     prefixes += [p for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
-    dirs += [Path(p) / "share" / PACKAGE / "msg" for p in prefixes if p]
+    dirs += [Path(p) / "share" / package / "msg" for p in prefixes if p]
     return dirs
 
 
@@ -96,15 +103,24 @@ def project_msgs() -> dict[str, str]:
     return {f"{PACKAGE}/msg/{name}": (d / f"{name}.msg").read_text() for name in _PROJECT_TYPES}
 
 
+def foxglove_msgs() -> dict[str, str]:
+    """foxglove_msgs image-annotation .msg texts by type name, from the first directory that has them all."""
+    for d in _candidate_dirs("foxglove_msgs"):
+        if all((d / f"{name}.msg").is_file() for name in _FOXGLOVE_TYPES):
+            return {f"foxglove_msgs/msg/{name}": (d / f"{name}.msg").read_text() for name in _FOXGLOVE_TYPES}
+    raise ConfigError("cannot find the foxglove_msgs image-annotation definitions (third_party/foxglove_msgs/msg "
+                      "or share/foxglove_msgs/msg of an install); reinstall the package")
+
+
 @lru_cache(maxsize=1)
 def typestore() -> Typestore:
-    """A ROS2_HUMBLE typestore with vision_msgs and pdlm_ros registered.
+    """A ROS2_HUMBLE typestore with vision_msgs, foxglove_msgs' image annotations and pdlm_ros registered.
 
     Shared (cached) because registration parses text; treat it as read-only. The Humble definitions of the
     std/sensor/diagnostic messages used here are identical in Iron and Jazzy.
     """
     store = get_typestore(Stores.ROS2_HUMBLE)
-    for name, text in [*VISION_MSGS.items(), *project_msgs().items()]:
+    for name, text in [*VISION_MSGS.items(), *foxglove_msgs().items(), *project_msgs().items()]:
         store.register(get_types_from_msg(text, name))
     return store
 

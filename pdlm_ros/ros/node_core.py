@@ -23,24 +23,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from pdlm_ros.errors import ConfigError, ImageInputError, PDLMError
 from pdlm_ros.ros import messages as M
 from pdlm_ros.ros.cache import CaptionCache, region_box
-from pdlm_ros.ros.convert import (caption_array_msg, header_msg, image_from_compressed, image_from_msg, image_to_msg,
-                                  regions_from_detections, regions_from_instance_mask, stamp_ns)
+from pdlm_ros.ros.convert import (caption_array_msg, header_msg, image_annotations_msg, image_from_compressed,
+                                  image_from_msg, image_to_msg, regions_from_detections, regions_from_instance_mask,
+                                  scale_regions, stamp_ns)
 from pdlm_ros.ros.diagnostics import NodeHealth, Throttle, classify_error, diagnostic_array_msg
 from pdlm_ros.ros.params import NodeParams
 from pdlm_ros.ros.sync import Pair, StampSync
 from pdlm_ros.types import FrameResult, FrameStats, RegionCaption, RegionInput
 
-__all__ = ["TopicSpec", "Outputs", "NodeCore", "input_topics", "OUTPUT_TOPICS", "load_captioner"]
+__all__ = ["TopicSpec", "Outputs", "NodeCore", "input_topics", "OUTPUT_TOPICS", "load_captioner", "engine_root",
+           "model_info_msg"]
 
 log = logging.getLogger("pdlm_ros.node")
 
@@ -57,11 +61,14 @@ class TopicSpec:
     name: str
     msgtype: str
     handler: str = ""  # NodeCore method for an input (inputs get the `input.qos` QoS; outputs are reliable)
+    latched: bool = False  # output kept for late subscribers (transient local, depth 1)
 
 
 OUTPUT_TOPICS = (
     TopicSpec("captions", M.CAPTION_ARRAY),
     TopicSpec("annotated_image", M.IMAGE),
+    TopicSpec("annotations", M.IMAGE_ANNOTATIONS),
+    TopicSpec("model_info", M.MODEL_INFO, latched=True),
     TopicSpec("/diagnostics", M.DIAGNOSTIC_ARRAY),
 )
 
@@ -80,6 +87,13 @@ class Outputs(Protocol):
     def subscriber_count(self, topic: str) -> int: ...
 
 
+def engine_root() -> Path:
+    """Where exported graphs and engines go when `engine_path` is empty: `$ROS_HOME/pdlm_ros/engines` (ROS_HOME
+    defaults to ~/.ros), an absolute path, so a node started with cwd `/` (systemd) does not write into `/`."""
+    ros_home = os.environ.get("ROS_HOME") or os.path.join(os.path.expanduser("~"), ".ros")
+    return Path(ros_home).resolve() / "pdlm_ros" / "engines"
+
+
 def load_captioner(p: NodeParams) -> Any:
     """The captioner the parameters ask for, on the asked backend (imports torch only now)."""
     import torch
@@ -88,7 +102,21 @@ def load_captioner(p: NodeParams) -> Any:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
     return load_backend(p.checkpoint or None, backend=p.backend, engine_path=p.engine_path or None,
-                        preset=p.preset or None, device=device, seed=p.seed)
+                        preset=p.preset or None, device=device, seed=p.seed, engine_root=engine_root())
+
+
+def model_info_msg(captioner: Any, p: NodeParams, header: Any) -> Any:
+    """pdlm_ros/ModelInfo of a loaded captioner (fields the backend does not report stay empty or 0)."""
+    cfg = getattr(captioner, "config", None)
+    dec = getattr(cfg, "decoding", None)
+    region = getattr(cfg, "region", None)
+    return M.typestore().types[M.MODEL_INFO](
+        header=header, name=str(getattr(captioner, "name", "")), checkpoint=p.checkpoint,
+        layout=str(getattr(captioner, "layout", "") or getattr(cfg, "layout", "") or ""), backend=p.backend,
+        device=str(getattr(captioner, "device", "")), decoding_mode=p.decoding_mode,
+        decoding_steps=int(p.decoding_steps or getattr(dec, "steps", 0) or 0),
+        caption_len=int(getattr(dec, "caption_len", 0) or 0),
+        max_regions=int(getattr(region, "max_regions", 0) or 0))
 
 
 class NodeCore:
@@ -96,9 +124,15 @@ class NodeCore:
 
     def __init__(self, params: NodeParams, outputs: Outputs, *, name: str = "pdlm_node",
                  loader: Callable[[NodeParams], Any] = load_captioner,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 stamp_clock: Callable[[], int] = time.time_ns) -> None:
+        # clock: intervals (rates, latency, throttling); stamp_clock: header stamps of our own messages in ns (the
+        # rclpy transport passes the node clock, so /diagnostics follows use_sim_time)
         self.params, self.outputs, self.name = params, outputs, name
-        self._loader, self._clock = loader, clock
+        self._loader, self._clock, self._stamp_clock = loader, clock, stamp_clock
+        self.enabled = True  # the `enable` service: False ignores inputs but keeps the model loaded
+        self._model_lock = threading.Lock()  # the worker and on-demand requests share one captioner
+        self.latest_image: Any = None  # the newest image message (on-demand requests without an image)
         self.state = "unconfigured"
         self.captioner: Any = None
         self.health = NodeHealth(clock=clock)
@@ -126,11 +160,13 @@ class NodeCore:
         self.captioner = self._loader(self.params)
         log.info("[%s] model %s loaded", self.name, getattr(self.captioner, "name", "?"))
         self.state = "inactive"
+        self.publish_model_info()
 
     def activate(self) -> None:
         self._require("inactive")
         if self.captioner is None:
             self.captioner = self._loader(self.params)
+            self.publish_model_info()
         self._stop.clear()
         self._worker = threading.Thread(target=self._run, name=f"{self.name}-worker", daemon=True)
         self.state = "active"
@@ -168,12 +204,28 @@ class NodeCore:
         self.captioner = None
         self.state = "finalized"
 
+    def publish_model_info(self) -> None:
+        self.outputs.publish("model_info", model_info_msg(self.captioner, self.params,
+                                                          header_msg(self._stamp_clock())))
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Pause (False) or resume captioning without unloading the model; paused inputs are counted, not synced."""
+        if enabled and not self.enabled:
+            self.sync = StampSync(self.params.sync_slop, self.params.sync_queue_size)  # forget stale partners
+        self.enabled = enabled
+        log.info("[%s] captioning %s", self.name, "enabled" if enabled else "disabled (inputs ignored)")
+
     # -- inputs (transport callbacks: cheap, never run the model) --------------------------------------------------
     def _input(self, key: str, msg: Any, is_image: bool) -> None:
         if self.state != "active":
             self.health.count("inputs_while_inactive")
             return
+        if not self.enabled:
+            self.health.count("inputs_while_disabled")
+            return
         self.health.count(key)
+        if is_image:
+            self.latest_image = msg
         try:
             stamp = stamp_ns(msg.header)
         except (AttributeError, TypeError, ValueError) as err:
@@ -260,7 +312,11 @@ class NodeCore:
 
     def _regions(self, msg: Any, width: int, height: int) -> list[RegionInput]:
         if msg.__msgtype__ == M.DETECTION_ARRAY:
-            return regions_from_detections(msg, width, height)
+            regions = regions_from_detections(msg, width, height)
+            p = self.params
+            if p.regions_box_width:  # boxes of a detector that saw a resized copy of the image
+                regions = scale_regions(regions, width / p.regions_box_width, height / p.regions_box_height)
+            return regions
         regions = regions_from_instance_mask(msg)
         if regions and regions[0].mask is not None and regions[0].mask.shape != (height, width):
             raise ImageInputError(f"instance mask is {regions[0].mask.shape[1]}x{regions[0].mask.shape[0]} px but "
@@ -313,10 +369,7 @@ class NodeCore:
         if todo:
             p = self.params
             try:
-                result = self.captioner.caption(
-                    rgb, [regions[i] for i in todo], mode=p.decoding_mode, steps=p.decoding_steps or None,
-                    threshold=(p.decoding_threshold or None) if p.decoding_mode == "threshold" else None,
-                    temperature=p.decoding_temperature)
+                result = self._caption(rgb, [regions[i] for i in todo])
             except PDLMError as err:
                 self._reject("regions", pair.stamp, err, kind="inference_input")
                 return None
@@ -343,12 +396,40 @@ class NodeCore:
         out = caption_array_msg(frame, image_msg.header, ages=ages,
                                 latency_ms=stats.latency_ms.get("total", 0.0) if todo else 0.0)
         self.outputs.publish("captions", out)
+        if self.params.annotations_enabled:
+            self.outputs.publish("annotations", image_annotations_msg(merged, image_msg.header))
         if self.params.annotated_enabled and self.outputs.subscriber_count("annotated_image") > 0:
             from pdlm_ros.viz import draw_captions
 
             self.outputs.publish("annotated_image", image_to_msg(draw_captions(rgb, merged), image_msg.header))
         self.health.frame((self._clock() - t0) * 1000.0, len(regions))
         return out
+
+    def _caption(self, rgb: Any, regions: list[RegionInput]) -> FrameResult:
+        p = self.params
+        with self._model_lock:
+            if self.captioner is None:
+                raise ConfigError("the model is not loaded (node deactivated)")
+            return self.captioner.caption(
+                rgb, regions, mode=p.decoding_mode, steps=p.decoding_steps or None,
+                threshold=(p.decoding_threshold or None) if p.decoding_mode == "threshold" else None,
+                temperature=p.decoding_temperature)
+
+    def describe(self, image_msg: Any | None, regions: list[RegionInput], prompt: str = "") -> Any:
+        """An on-demand RegionCaptionArray for `regions` of `image_msg` (None: the latest image received), with
+        that image's header. The cache is not used: the caller asked for a description now. Raises PDLMError
+        (ConfigError, ImageInputError) with the reason when the request cannot be served."""
+        if self.state != "active":
+            raise ConfigError(f"node is {self.state}; descriptions need it active")
+        if prompt:
+            raise ConfigError("this model takes no per-request prompt (leave 'prompt' empty)")
+        msg = image_msg if image_msg is not None else self.latest_image
+        if msg is None:
+            raise ImageInputError("no image in the request and none received yet on the image topic")
+        rgb = image_from_compressed(msg) if msg.__msgtype__ == M.COMPRESSED_IMAGE else image_from_msg(msg)
+        result = self._caption(rgb, regions)
+        self.health.count("describe_requests")
+        return caption_array_msg(result, msg.header)
 
     def _max_regions(self) -> int:
         try:
@@ -372,12 +453,12 @@ class NodeCore:
                 f"{delta / 1e9:.3f}" if delta is not None else "?")
         self._diag_prev_matched, self._diag_prev_inputs = sync.matched, inputs
         since = self._clock() - self._last_image_at if self._last_image_at is not None else float("nan")
-        extra = {"state": self.state, "model": getattr(self.captioner, "name", ""), "max_regions": self._max_regions(),
+        extra = {"state": self.state, "enabled": str(self.enabled).lower(), "model": getattr(self.captioner, "name", ""), "max_regions": self._max_regions(),
                  "sync.matched": sync.matched, "sync.expired_images": sync.expired_images,
                  "sync.expired_regions": sync.expired_regions, "sync.resets": sync.resets,
                  "cache.tracks": len(self.cache), "seconds_since_last_image": f"{since:.2f}"}
         report = self.health.report(extra)
-        msg = diagnostic_array_msg(report, header_msg(time.time_ns()), f"{self.name}: region captioning",
+        msg = diagnostic_array_msg(report, header_msg(self._stamp_clock()), f"{self.name}: region captioning",
                                    hardware_id=str(getattr(self.captioner, "device", "")))
         self.outputs.publish("/diagnostics", msg)
         return msg

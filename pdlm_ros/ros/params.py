@@ -21,7 +21,7 @@ import yaml
 from pdlm_ros.errors import ConfigError
 from pdlm_ros.types import MODES
 
-__all__ = ["ParamSpec", "PARAMS", "NodeParams", "load_params_file", "flatten"]
+__all__ = ["ParamSpec", "PARAMS", "PARAMS_BY_NAME", "NodeParams", "check_value", "load_params_file", "flatten"]
 
 
 
@@ -59,6 +59,11 @@ PARAMS: tuple[ParamSpec, ...] = (
     # inputs
     ParamSpec("regions.source", "detections", str, "where regions come from: a vision_msgs/Detection2DArray "
               "topic (detections) or an instance-mask image (instance_mask)", choices=("detections", "instance_mask")),
+    ParamSpec("regions.box_width", 0, int, "width in pixels of the image the detection boxes refer to (a detector "
+              "that runs on a resized copy, e.g. 640 for a 640x640 network input); 0: the camera image itself",
+              (0, 100000)),
+    ParamSpec("regions.box_height", 0, int, "height in pixels of the image the detection boxes refer to; 0: the "
+              "camera image itself", (0, 100000)),
     ParamSpec("input.compressed", False, bool, "subscribe to image/compressed (sensor_msgs/CompressedImage) "
               "instead of image"),
     ParamSpec("input.qos", "sensor_data", str, "input QoS: sensor_data (best effort, matches every publisher) or "
@@ -77,11 +82,20 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("cache.max_tracks", 512, int, "tracks remembered (oldest forgotten first)", (1, 100000)),
     # outputs and housekeeping
     ParamSpec("annotated.enabled", True, bool, "publish annotated_image (only while someone subscribes)"),
+    ParamSpec("annotations.enabled", True, bool, "publish annotations (foxglove_msgs/ImageAnnotations: box outlines "
+              "and captions, stamped like the image)"),
     ParamSpec("diagnostics.period", 1.0, float, "seconds between /diagnostics messages", (0.05, 3600.0)),
     ParamSpec("log.throttle", 5.0, float, "seconds between repeated warnings of one kind", (0.0, 3600.0)),
     ParamSpec("autostart", True, bool, "configure and activate on start (else wait for lifecycle transitions)"),
 )
 _BY_NAME = {p.name: p for p in PARAMS}
+PARAMS_BY_NAME = _BY_NAME
+
+
+def check_value(spec: ParamSpec, value: Any) -> Any:
+    """`value` checked against `spec` (type, range, choices) and converted (an int for a float parameter becomes a
+    float); ConfigError naming the parameter otherwise."""
+    return _check(spec, value)
 
 
 def _check(spec: ParamSpec, value: Any) -> Any:
@@ -130,6 +144,8 @@ class NodeParams:
     decoding_threshold: float = 0.0
     decoding_temperature: float = 0.0
     regions_source: str = "detections"
+    regions_box_width: int = 0
+    regions_box_height: int = 0
     input_compressed: bool = False
     input_qos: str = "sensor_data"
     input_depth: int = 5
@@ -141,6 +157,7 @@ class NodeParams:
     cache_iou_threshold: float = 0.5
     cache_max_tracks: int = 512
     annotated_enabled: bool = True
+    annotations_enabled: bool = True
     diagnostics_period: float = 1.0
     log_throttle: float = 5.0
     autostart: bool = True
@@ -160,6 +177,9 @@ class NodeParams:
         params = cls(**out)
         if params.checkpoint and params.preset:
             raise ConfigError("set either parameter 'checkpoint' or 'preset', not both")
+        if (params.regions_box_width == 0) != (params.regions_box_height == 0):
+            raise ConfigError("set both parameters 'regions.box_width' and 'regions.box_height' (or neither): boxes "
+                              "are scaled from that size to the image's")
         return params
 
     def to_values(self) -> dict[str, Any]:

@@ -29,9 +29,10 @@ class Transport(ABC):
     name: str
 
     @abstractmethod
-    def run(self, ros_args: Sequence[str], stop: threading.Event) -> int:
+    def run(self, ros_args: Sequence[str], stop: threading.Event, *, log_level: str = "INFO") -> int:
         """Start the node with the arguments that follow `--ros-args` (remaps, -p, --params-file, ...), keep it
-        running until `stop` is set, shut it down cleanly and return an exit code."""
+        running until `stop` is set, shut it down cleanly and return an exit code. `log_level` is a Python level
+        name (the CLI has already configured Python logging with it)."""
 
 
 def available_transports() -> list[str]:

@@ -41,11 +41,13 @@ __all__ = ["DdsTransport", "DdsEndpoints", "dds_qos", "node_params"]
 log = logging.getLogger("pdlm_ros.dds")
 
 
-def dds_qos(reliable: bool, depth: int) -> Qos:
-    """ROS 2's volatile keep-last profiles; XCDR1 data representation, as rmw_cyclonedds_cpp uses."""
+def dds_qos(reliable: bool, depth: int, latched: bool = False) -> Qos:
+    """ROS 2's keep-last profiles (volatile, or transient local for latched topics); XCDR1 data representation, as
+    rmw_cyclonedds_cpp uses."""
     reliability = Policy.Reliability.Reliable(duration(milliseconds=100)) if reliable \
         else Policy.Reliability.BestEffort
-    return Qos(reliability, Policy.History.KeepLast(depth), Policy.Durability.Volatile,
+    durability = Policy.Durability.TransientLocal if latched else Policy.Durability.Volatile
+    return Qos(reliability, Policy.History.KeepLast(depth), durability,
                Policy.DataRepresentation(use_cdrv0_representation=True))
 
 
@@ -85,9 +87,11 @@ class DdsEndpoints:
             self._topics[dds_name] = Topic(self.participant, dds_name, idl_type(msgtype))
         return self._topics[dds_name]
 
-    def writer(self, name: str, msgtype: str, *, reliable: bool = True, depth: int = 10) -> DataWriter:
+    def writer(self, name: str, msgtype: str, *, reliable: bool = True, depth: int = 10,
+               latched: bool = False) -> DataWriter:
         if name not in self._writers:
-            self._writers[name] = DataWriter(self.participant, self._topic(name, msgtype), dds_qos(reliable, depth))
+            self._writers[name] = DataWriter(self.participant, self._topic(name, msgtype),
+                                             dds_qos(reliable, 1 if latched else depth, latched))
         return self._writers[name]
 
     def publish(self, name: str, msg: Any) -> None:
@@ -157,7 +161,7 @@ class _Outputs:
 class DdsTransport(Transport):
     name = "dds"
 
-    def run(self, ros_args: Sequence[str], stop: threading.Event) -> int:
+    def run(self, ros_args: Sequence[str], stop: threading.Event, *, log_level: str = "INFO") -> int:
         args = parse_ros_args(ros_args)
         params = node_params(args)
         if not params.autostart:
@@ -165,7 +169,7 @@ class DdsTransport(Transport):
                         "starting now")
         endpoints = DdsEndpoints(args)
         for spec in OUTPUT_TOPICS:
-            endpoints.writer(spec.name, spec.msgtype, reliable=True, depth=params.output_depth)
+            endpoints.writer(spec.name, spec.msgtype, reliable=True, depth=params.output_depth, latched=spec.latched)
         core = NodeCore(params, _Outputs(endpoints), name=args.node_name)
         try:
             core.configure()

@@ -1,49 +1,61 @@
 """rclpy transport: the node as a ROS 2 managed (lifecycle) node. Imported only when this transport is chosen.
 
-A thin adapter around `NodeCore`: parameters declared from `params.PARAMS` with descriptors (ranges, choices),
-lifecycle callbacks mapped onto the core's transitions, inputs subscribed with `raw=True` and decoded by rosbags (the
-same code path as the DDS transport and bag replay; no per-field Python copy of image data), outputs published as
-serialized CDR bytes through lifecycle publishers, so they only go out while the node is active. Sync is the core's
-`StampSync`, not message_filters (whose callback runs inside the subscription callback under its lock).
-
-QoS: inputs `input.qos` (sensor_data: best effort, keep last `input.depth`, volatile; or reliable); outputs reliable,
-keep last `output.depth`, volatile. Inputs have their own callback group on a multi-threaded executor, so lifecycle
-and parameter services are never starved by image traffic.
-
-Status: written against the rclpy Humble/Jazzy API (rclpy.lifecycle, raw subscriptions, publish(bytes)) but not run
-here: no ROS 2 install on the development machines. See docs/ros.md.
+A thin adapter around `NodeCore`:
+- parameters: declared once from `params.PARAMS` (descriptors with ranges and choices, dynamic typing so that
+  `cache.max_age: 5` or `-p sync.slop:=1` are numbers, not a type exception), checked by `NodeParams` before they
+  are declared: a wrong type, a value out of range or an unknown name fails configure with one line naming it.
+  `ros2 param set` is validated the same way and accepted only while unconfigured (values are read at configure);
+  otherwise it is refused with the reason;
+- lifecycle: configure loads the model and publishes `model_info`, activate enables the lifecycle publishers and
+  then starts the worker, deactivate stops the worker and frees the model, cleanup forgets caches;
+- inputs subscribed with `raw=True` and decoded by rosbags (the code path of the DDS transport and bag replay).
+  Subscriptions are created on first activation and kept until the node is destroyed: destroying a subscription
+  while a MultiThreadedExecutor waits on it is a known rclpy race (InvalidHandle), so an inactive node ignores them;
+- outputs as serialized CDR bytes; captions, annotations and images on lifecycle publishers; `/diagnostics` on a
+  plain publisher, every `diagnostics.period` in every state, stamped with the node clock (use_sim_time works);
+- services `~/describe` (pdlm_ros/DescribeRegions) and `~/enable` (std_srvs/SetBool);
+- Python logging of the package goes to the node's logger, hence to the console and to /rosout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import rclpy
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.serialization import deserialize_message, serialize_message
 
 from pdlm_ros.errors import PDLMError
 from pdlm_ros.ros import messages as M
-from pdlm_ros.ros.node_core import OUTPUT_TOPICS, NodeCore, input_topics
-from pdlm_ros.ros.params import PARAMS, NodeParams
+from pdlm_ros.ros.convert import header_msg
+from pdlm_ros.ros.diagnostics import HealthReport, diagnostic_array_msg
+from pdlm_ros.ros.node_core import OUTPUT_TOPICS, NodeCore, input_topics, load_captioner
+from pdlm_ros.ros.params import PARAMS, PARAMS_BY_NAME, NodeParams, check_value
 from pdlm_ros.ros.transport import Transport
+from pdlm_ros.types import RegionInput
 
-__all__ = ["PdlmLifecycleNode", "RclpyTransport", "qos_profile"]
+__all__ = ["PdlmLifecycleNode", "RclpyTransport", "RosLogHandler", "bridge_logging", "qos_profile"]
 
-log = logging.getLogger("pdlm_ros.rclpy")
+# Parameters rclpy itself declares or reads; never ours to validate.
+_ROS_OWNED = ("use_sim_time", "start_type_description_service")
+_ROS_LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error", "CRITICAL": "fatal"}
 
 
-def qos_profile(reliable: bool, depth: int) -> QoSProfile:
+def qos_profile(reliable: bool, depth: int, latched: bool = False) -> QoSProfile:
     return QoSProfile(reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
-                      history=HistoryPolicy.KEEP_LAST, depth=depth, durability=DurabilityPolicy.VOLATILE)
+                      history=HistoryPolicy.KEEP_LAST, depth=1 if latched else depth,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
 
 
 def _ros_type(msgtype: str) -> Any:
@@ -52,8 +64,19 @@ def _ros_type(msgtype: str) -> Any:
     return getattr(importlib.import_module(f"{pkg}.{sub}"), name)
 
 
+def _to_ros(msg: Any) -> Any:
+    """A rosbags message -> the generated rclpy message (through CDR, so no field is copied by hand)."""
+    return deserialize_message(bytes(M.typestore().serialize_cdr(msg, msg.__msgtype__)), _ros_type(msg.__msgtype__))
+
+
+def _from_ros(msg: Any, msgtype: str) -> Any:
+    return M.typestore().deserialize_cdr(serialize_message(msg), msgtype)
+
+
 def _descriptor(spec: Any) -> ParameterDescriptor:
-    d = ParameterDescriptor(description=spec.description)
+    # dynamic_typing: rclpy would otherwise fix the type from the default and raise on `5` for a float parameter;
+    # NodeParams checks types instead, with one message naming the parameter.
+    d = ParameterDescriptor(description=spec.description, dynamic_typing=True)
     if spec.range is not None and spec.type is int:
         d.integer_range = [IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=0)]
     elif spec.range is not None and spec.type is float:
@@ -64,11 +87,50 @@ def _descriptor(spec: Any) -> ParameterDescriptor:
     return d
 
 
-class _Outputs:
-    """NodeCore's outputs on lifecycle publishers; messages go out as serialized CDR (publish(bytes))."""
+class RosLogHandler(logging.Handler):
+    """Python logging -> the node's rcutils logger (console and /rosout)."""
 
-    def __init__(self, node: PdlmLifecycleNode) -> None:
-        self.node = node
+    def __init__(self, node: Any) -> None:
+        super().__init__()
+        self.logger = node.get_logger()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            level = record.levelno
+            if level >= logging.CRITICAL:
+                self.logger.fatal(text)
+            elif level >= logging.ERROR:
+                self.logger.error(text)
+            elif level >= logging.WARNING:
+                self.logger.warning(text)
+            elif level >= logging.INFO:
+                self.logger.info(text)
+            else:
+                self.logger.debug(text)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def bridge_logging(node: Any) -> Iterator[None]:
+    """While inside, the package's Python log records go to `node`'s logger only (console and /rosout)."""
+    package_log = logging.getLogger("pdlm_ros")
+    handler = RosLogHandler(node)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_log.addHandler(handler)
+    package_log.propagate = False  # the rcutils logger prints it; the root stderr handler would repeat it
+    try:
+        yield
+    finally:
+        package_log.removeHandler(handler)
+        package_log.propagate = True
+
+
+class _Outputs:
+    """NodeCore's outputs; messages go out as serialized CDR (publish(bytes))."""
+
+    def __init__(self) -> None:
         self.publishers: dict[str, Any] = {}
 
     def publish(self, topic: str, msg: Any) -> None:
@@ -82,106 +144,250 @@ class _Outputs:
 
 
 class PdlmLifecycleNode(LifecycleNode):
-    def __init__(self, node_name: str = "pdlm_node") -> None:
-        super().__init__(node_name)
+    def __init__(self, node_name: str = "pdlm_node", *, loader: Any = load_captioner, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self._loader = loader
+        # rcl has already read --params-file / -p for this node: check them all before declaring anything, so a
+        # bad value is reported by name instead of raising inside declare_parameter.
+        overrides = {name: p.value for name, p in self._parameter_overrides.items() if name not in _ROS_OWNED}
+        self.param_error: str | None = None
+        try:
+            NodeParams.from_values(overrides)
+        except PDLMError as err:
+            self.param_error = str(err)
         for spec in PARAMS:
-            self.declare_parameter(spec.name, spec.default, _descriptor(spec))
+            valid = spec.name in overrides and self._valid(spec, overrides[spec.name])
+            self.declare_parameter(spec.name, spec.default, _descriptor(spec), ignore_override=not valid)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
         self.core: NodeCore | None = None
-        self.outputs = _Outputs(self)
-        self._input_subs: list[Any] = []
+        self.outputs = _Outputs()
         self._inputs_group = MutuallyExclusiveCallbackGroup()
+        self._services_group = MutuallyExclusiveCallbackGroup()
+        self._subs: dict[tuple[str, str, bool, int], Any] = {}  # (topic, type, reliable, depth) -> subscription
+        self._live_inputs: set[tuple[str, str, bool, int]] = set()
+        diag = next(s for s in OUTPUT_TOPICS if s.name == "/diagnostics")
+        # not a lifecycle publisher: diagnostics must also report an inactive or failed node
+        self.outputs.publishers[diag.name] = self.create_publisher(_ros_type(diag.msgtype), diag.name,
+                                                                   qos_profile(True, 10))
+        # steady clock: under use_sim_time a ROS-clock timer stops with a paused bag; the stamps follow the node clock
+        self._diag_timer = self.create_timer(self._diag_period(), self._idle_diagnostics,
+                                             clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self.create_service(_ros_type(f"{M.PACKAGE}/srv/DescribeRegions"), "~/describe", self._on_describe,
+                            callback_group=self._services_group)
+        self.create_service(_ros_type("std_srvs/srv/SetBool"), "~/enable", self._on_enable,
+                            callback_group=self._services_group)
+
+    @staticmethod
+    def _valid(spec: Any, value: Any) -> bool:
+        try:
+            check_value(spec, value)
+            return True
+        except PDLMError:
+            return False
+
+    def _diag_period(self) -> float:
+        value = self.get_parameter("diagnostics.period").value
+        return float(value) if self._valid(PARAMS_BY_NAME["diagnostics.period"], value) else 1.0
 
     def _params(self) -> NodeParams:
         return NodeParams.from_values({spec.name: self.get_parameter(spec.name).value for spec in PARAMS})
 
+    def _stamp_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    # -- parameters -----------------------------------------------------------------------------------------------
+    def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
+        for p in params:
+            spec = PARAMS_BY_NAME.get(p.name)
+            if spec is None:
+                continue  # rclpy's own (use_sim_time, qos overrides)
+            try:
+                check_value(spec, p.value)
+            except PDLMError as err:
+                return SetParametersResult(successful=False, reason=str(err))
+            if self.core is not None:
+                return SetParametersResult(successful=False, reason=(
+                    f"parameter {p.name!r} is read at configure; the node is {self.core.state}: deactivate and "
+                    "cleanup, set it, then configure again"))
+        return SetParametersResult(successful=True)
+
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.get_logger().info("configuring")
+        if self.param_error is not None:
+            self.get_logger().error(f"configure failed: {self.param_error}")
+            self.param_error = None  # a later `ros2 param set` + configure may succeed
+            return TransitionCallbackReturn.FAILURE
         try:
             params = self._params()
-            self.core = NodeCore(params, self.outputs, name=self.get_name())
+            self.core = NodeCore(params, self.outputs, name=self.get_name(), loader=self._loader,
+                                 stamp_clock=self._stamp_ns)
+            for spec in OUTPUT_TOPICS:  # before configure: it publishes model_info
+                if spec.name not in self.outputs.publishers:
+                    self.outputs.publishers[spec.name] = self.create_lifecycle_publisher(
+                        _ros_type(spec.msgtype), spec.name, qos_profile(True, params.output_depth, spec.latched))
             self.core.configure()
-        except PDLMError as err:
-            self.get_logger().error(f"configure failed: {err}")
+        except Exception as err:  # noqa: BLE001 - a CUDA OOM or an OSError must say why, not fail silently
+            kind = "" if isinstance(err, PDLMError) else f"{type(err).__name__}: "
+            self.get_logger().error(f"configure failed: {kind}{err}")
+            self._drop_lifecycle_publishers()
             self.core = None
             return TransitionCallbackReturn.FAILURE
-        for spec in OUTPUT_TOPICS:
-            self.outputs.publishers[spec.name] = self.create_lifecycle_publisher(
-                _ros_type(spec.msgtype), spec.name, qos_profile(True, params.output_depth))
+        self._diag_timer.timer_period_ns = int(params.diagnostics_period * 1e9)
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         assert self.core is not None  # the lifecycle state machine only activates a configured node
+        super().on_activate(state)  # lifecycle publishers first: the worker may publish right away
         try:
             self.core.activate()
-        except PDLMError as err:
-            self.get_logger().error(f"activate failed: {err}")
+            self.core.publish_model_info()  # latched; now that the publisher is active it goes out
+        except Exception as err:  # noqa: BLE001 - see on_configure
+            kind = "" if isinstance(err, PDLMError) else f"{type(err).__name__}: "
+            self.get_logger().error(f"activate failed: {kind}{err}")
+            super().on_deactivate(state)
             return TransitionCallbackReturn.FAILURE
         p = self.core.params
+        self._live_inputs = set()
         for spec in input_topics(p):
-            callback = self._raw_callback(spec.msgtype, getattr(self.core, spec.handler))
-            self._input_subs.append(self.create_subscription(
-                _ros_type(spec.msgtype), spec.name, callback, qos_profile(p.input_qos == "reliable", p.input_depth),
-                callback_group=self._inputs_group, raw=True))
-        self.get_logger().info("active: " + ", ".join(s.topic_name for s in self._input_subs))
-        return super().on_activate(state)
+            key = (spec.name, spec.msgtype, p.input_qos == "reliable", p.input_depth)
+            if key not in self._subs:
+                self._subs[key] = self.create_subscription(
+                    _ros_type(spec.msgtype), spec.name, self._raw_callback(key, spec.handler),
+                    qos_profile(key[2], key[3]), callback_group=self._inputs_group, raw=True)
+            self._live_inputs.add(key)
+        self.get_logger().info("active: " + ", ".join(self._subs[k].topic_name for k in sorted(self._live_inputs)))
+        return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        for sub in self._input_subs:
-            self.destroy_subscription(sub)
-        self._input_subs.clear()
+        self._live_inputs = set()
         if self.core is not None and self.core.state == "active":
             self.core.deactivate()
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        for pub in self.outputs.publishers.values():
-            self.destroy_lifecycle_publisher(pub)
-        self.outputs.publishers.clear()
+        self._drop_lifecycle_publishers()
         if self.core is not None:
             self.core.cleanup()
             self.core = None
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        for sub in self._input_subs:
-            self.destroy_subscription(sub)
-        self._input_subs.clear()
+        self._live_inputs = set()
         if self.core is not None:
             self.core.shutdown()
         return TransitionCallbackReturn.SUCCESS
 
-    def _raw_callback(self, msgtype: str, handler: Any) -> Any:
-        store = M.typestore()
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f"error in state {state.label}; the node is back to unconfigured")
+        self._live_inputs = set()
+        if self.core is not None:
+            self.core.shutdown()
+            self.core = None
+        self._drop_lifecycle_publishers()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _drop_lifecycle_publishers(self) -> None:
+        for name in [n for n in self.outputs.publishers if n != "/diagnostics"]:
+            self.destroy_lifecycle_publisher(self.outputs.publishers.pop(name))
+
+    # -- inputs ---------------------------------------------------------------------------------------------------
+    def _raw_callback(self, key: tuple[str, str, bool, int], handler: str) -> Any:
+        store, msgtype = M.typestore(), key[1]
 
         def callback(data: bytes) -> None:
+            core = self.core
+            if core is None or key not in self._live_inputs:  # inactive, or a topic of an earlier configuration
+                return
             try:
                 msg = store.deserialize_cdr(data, msgtype)
             except Exception as err:  # noqa: BLE001 - undecodable bytes are bad input, not a reason to stop
-                if self.core is not None:
-                    self.core.health.error("deserialize")
-                    self.core.throttle.warning("deserialize", "cannot decode a %s: %s", msgtype, err)
+                core.health.error("deserialize")
+                core.throttle.warning("deserialize", "cannot decode a %s: %s", msgtype, err)
                 return
-            handler(msg)
+            getattr(core, handler)(msg)
 
         return callback
+
+    # -- diagnostics outside the active state ---------------------------------------------------------------------
+    def _idle_diagnostics(self) -> None:
+        core = self.core
+        if core is not None and core.state == "active":
+            return  # the worker reports while active
+        if core is not None:
+            core.publish_diagnostics()
+            return
+        report = HealthReport(1, "unconfigured: no model loaded (configure the node)", {"state": "unconfigured"})
+        self.outputs.publish("/diagnostics", diagnostic_array_msg(report, header_msg(self._stamp_ns()),
+                                                                  f"{self.get_name()}: region captioning"))
+
+    # -- services -------------------------------------------------------------------------------------------------
+    def _on_enable(self, request: Any, response: Any) -> Any:
+        if self.core is None:
+            response.success, response.message = False, "node is unconfigured; configure and activate it first"
+            return response
+        self.core.set_enabled(bool(request.data))
+        response.success = True
+        response.message = "captioning enabled" if request.data else "captioning disabled"
+        return response
+
+    def _on_describe(self, request: Any, response: Any) -> Any:
+        core = self.core
+        try:
+            if core is None:
+                raise PDLMError("node is unconfigured; configure and activate it first")
+            image = None
+            if request.image.width and request.image.height:
+                image = _from_ros(request.image, M.IMAGE)
+            regions = []
+            ids = list(request.ids)
+            if ids and len(ids) != len(request.boxes):
+                raise PDLMError(f"'ids' has {len(ids)} entries for {len(request.boxes)} boxes (give one per box, or "
+                                "none)")
+            for i, b in enumerate(request.boxes):
+                cx, cy, sx, sy = b.center.position.x, b.center.position.y, b.size_x, b.size_y
+                regions.append(RegionInput(box=(cx - sx / 2, cy - sy / 2, cx + sx / 2, cy + sy / 2),
+                                           region_id=ids[i] if ids else "", source_index=i))
+            if request.mask.width and request.mask.height:
+                from pdlm_ros.ros.convert import regions_from_instance_mask
+
+                masks = regions_from_instance_mask(_from_ros(request.mask, M.IMAGE))
+                regions += [RegionInput(mask=r.mask, region_id=r.region_id, source_index=len(regions) + k)
+                            for k, r in enumerate(masks)]
+            out = core.describe(image, regions, request.prompt)
+        except Exception as err:  # noqa: BLE001 - every failure is an answer with its reason, never a dead node
+            kind = "" if isinstance(err, PDLMError) else f"{type(err).__name__}: "
+            response.success, response.message = False, f"{kind}{err}"
+            self.get_logger().warning(f"describe request refused: {kind}{err}")
+            return response
+        response.success, response.message = True, ""
+        response.captions = _to_ros(out)
+        return response
 
 
 class RclpyTransport(Transport):
     name = "rclpy"
 
-    def run(self, ros_args: Sequence[str], stop: threading.Event) -> int:
-        rclpy.init(args=[sys.argv[0], "--ros-args", *ros_args])
+    def run(self, ros_args: Sequence[str], stop: threading.Event, *, log_level: str = "INFO") -> int:
+        rclpy.init(args=[sys.argv[0], "--ros-args", "--log-level", _ROS_LEVELS.get(log_level, "info"), *ros_args])
         node = PdlmLifecycleNode()
-        executor = MultiThreadedExecutor(num_threads=2)
+        executor = MultiThreadedExecutor(num_threads=3)
         executor.add_node(node)
+        code = 0
+        with bridge_logging(node):
+            code = self._spin(node, executor, stop)
+        return code
+
+    @staticmethod
+    def _spin(node: PdlmLifecycleNode, executor: MultiThreadedExecutor, stop: threading.Event) -> int:
+        code = 0
         try:
             if node.get_parameter("autostart").value:
-                if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                    return 1
-                if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-                    return 1
-            while rclpy.ok() and not stop.is_set():
+                if node.trigger_configure() != TransitionCallbackReturn.SUCCESS or \
+                        node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                    code = 1
+            while code == 0 and rclpy.ok() and not stop.is_set():
                 executor.spin_once(timeout_sec=0.2)
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
@@ -191,4 +397,4 @@ class RclpyTransport(Transport):
             executor.shutdown()
             node.destroy_node()
             rclpy.try_shutdown()
-        return 0
+        return code

@@ -41,8 +41,7 @@ def test_bad_parameter_is_one_error_line(capsys):
     assert "error: unknown parameter 'sync.slpo'; did you mean 'sync.slop'?" in capsys.readouterr().err
 
 
-def test_rclpy_adapter_declares_the_table_and_runs_lifecycle(tmp_path):
-    pytest.importorskip("rclpy", reason="rclpy is not installed (no ROS 2 here): the rclpy adapter is unverified")
+def test_rclpy_adapter_declares_the_table_and_runs_lifecycle(tmp_path, ros2_env):
     import rclpy
 
     from pdlm_ros.ros.params import PARAMS
@@ -64,8 +63,7 @@ def test_rclpy_adapter_declares_the_table_and_runs_lifecycle(tmp_path):
         rclpy.try_shutdown()
 
 
-def test_rclpy_transport_stops_on_event():
-    pytest.importorskip("rclpy", reason="rclpy is not installed (no ROS 2 here): the rclpy adapter is unverified")
+def test_rclpy_transport_stops_on_event(ros2_env):
     stop = threading.Event()
     stop.set()
     assert T.make_transport("rclpy").run(["-p", "preset:=tiny"], stop) == 0

@@ -15,7 +15,7 @@ from pdlm_ros.types import FrameResult, FrameStats, RegionCaption, RegionInput
 
 def test_project_messages_come_from_msg_dir(tmp_path, monkeypatch):
     texts = M.project_msgs()
-    assert set(texts) == {M.CAPTION, M.CAPTION_ARRAY}
+    assert set(texts) == {M.CAPTION, M.CAPTION_ARRAY, M.MODEL_INFO}
     assert texts[M.CAPTION_ARRAY] == (M.msg_dir() / "RegionCaptionArray.msg").read_text()
     monkeypatch.setenv("PDLM_ROS_MSG_DIR", str(tmp_path))
     with pytest.raises(ConfigError, match="cannot find the pdlm_ros message definitions"):

@@ -131,5 +131,5 @@ def test_package_xml_and_cmake_build_the_messages():
     cmake = (ROOT / "CMakeLists.txt").read_text()
     for msg in sorted(M.msg_dir().glob("*.msg")):
         assert f'"msg/{msg.name}"' in cmake
-    assert "rosidl_generate_interfaces(${PROJECT_NAME}" in cmake and "DEPENDENCIES std_msgs vision_msgs" in cmake
+    assert "rosidl_generate_interfaces(${PROJECT_NAME}" in cmake and "DEPENDENCIES std_msgs sensor_msgs vision_msgs" in cmake
     assert (ROOT / "resource" / "pdlm_ros").exists()
