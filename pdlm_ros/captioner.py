@@ -180,15 +180,16 @@ class Captioner:
         h, w = rgb.shape[:2]
         nfe = tokens = 0
         timings["vision"] = timings["decode"] = 0.0
+        runner = model.official_runner()
         with torch.inference_mode():
             for start in range(0, len(prepared), per_pass):
                 part = prepared[start:start + per_pass]
                 mark = self._clock()
                 masks = [r.mask if r.mask is not None else _box_mask(r.box, w, h) for r in part]
-                ps = prepare_pass(model, self.tokenizer, model.special_tokens, rgb, masks, length)
+                ps = prepare_pass(runner, cfg, self.tokenizer, model.special_tokens, rgb, masks, length)
                 dt, mark = self._lap(mark)
                 timings["vision"] += dt
-                result = global_remask_decode(lambda t: ps.logits(model, t), len(part) * length, cfg.mask_token_id,
+                result = global_remask_decode(lambda t: ps.logits(runner, t), len(part) * length, cfg.mask_token_id,
                                               steps=steps, temperature=temperature, generator=generator,
                                               device=self.device)
                 timings["decode"] += self._lap(mark)[0]

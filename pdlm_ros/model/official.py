@@ -62,7 +62,7 @@ from pdlm_ros.model.vision import pixel_unshuffle
 
 __all__ = ["tile_grid", "make_official_views", "area_order", "mask_patches", "mask_boxes", "prompt_text",
            "SpecialTokens", "roi_align", "merge_tiles", "roi_boxes", "attention_rule", "OfficialSequence",
-           "build_sequence", "OfficialPass", "prepare_pass"]
+           "build_sequence", "TorchRunner", "OfficialPass", "prepare_pass"]
 
 # The generation path scales boxes with `feat * 16 * 2` (modeling_pdmllm.py, _prepare_inputs_for_generation).
 ROI_SCALE = 32
@@ -307,67 +307,94 @@ def attention_rule(t: int, roi_spans: Sequence[tuple[int, int]], block_starts: S
 
 
 # -- one pass of the model -----------------------------------------------------------------------------------------
+class TorchRunner:
+    """The two computations of an official pass, on the model's own modules. The ONNX graphs wrap these methods
+    (`runtime.onnx_export`), and a graph backend offers the same two methods, so the host code is one."""
+
+    def __init__(self, model) -> None:  # noqa: ANN001 (PerceptionDLM; import cycle)
+        self.model = model
+        self.device, self.dtype = model.device, model.decoder.wte.weight.dtype
+
+    def visual_tokens(self, pixels: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """pixels (V, 3, S, S), active (prompt_numbers, V, g*g) 0/1 -> abstractor outputs (V, t*t, C).
+
+        Prompt slot i adds mask_id_embedding[i] where it is active; overlapping masks add up."""
+        model = self.model
+        ids = model.mask_id_embedding.weight  # (prompt_numbers, Cv)
+        bias = torch.einsum("nvp,nc->vpc", active.to(ids.dtype), ids)  # (V, g*g, Cv)
+        feats = model.vision(pixels, patch_bias=bias)  # (V, g, g, Cv)
+        return model.connector(pixel_unshuffle(feats, model.cfg.vision.unshuffle))
+
+    def embed(self, ids: torch.Tensor, visual: torch.Tensor, image_pos: torch.Tensor, roi: torch.Tensor,
+              roi_pos: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs (T, C): token embeddings, visual tokens (Vt, C) and RoI tokens (NR, C) put in place."""
+        x = self.model.decoder.wte(ids)
+        x = x.index_put((image_pos,), visual.to(x.dtype))
+        return x.index_put((roi_pos,), roi.to(x.dtype))
+
+    def sequence_logits(self, ids: torch.Tensor, visual: torch.Tensor, image_pos: torch.Tensor, roi: torch.Tensor,
+                        roi_pos: torch.Tensor, allowed: torch.Tensor, caption_pos: torch.Tensor) -> torch.Tensor:
+        """One full forward under the official attention rule -> logits at the caption positions (M, K)."""
+        x = self.embed(ids, visual, image_pos, roi, roi_pos)
+        positions = torch.arange(x.shape[0], device=x.device)
+        h = self.model.decoder.forward_dense(x, positions, allowed)
+        return self.model.decoder.logits(h[caption_pos])
+
+
 @dataclass
 class OfficialPass:
-    """Everything one pass decodes against. `embeds` hold the mask embedding at every caption position."""
+    """Everything one pass decodes against."""
 
     seq: OfficialSequence
-    embeds: torch.Tensor  # (T, C)
     order: list[int]  # order[i] = index (in the masks given) of the i-th prompt
     visual: torch.Tensor  # (V, t*t, C) abstractor outputs
+    roi: torch.Tensor  # (N * R, C) RoI tokens, mask by mask
+    image_pos: torch.Tensor  # (V * t*t,) where the visual tokens go
+    roi_pos: torch.Tensor  # (N * R,)
+    caption_pos: torch.Tensor  # (M,)
 
-    def logits(self, model, tokens: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (PerceptionDLM; import cycle)
-        """Caption tokens (M,) -> logits at the caption positions (M, V), one full forward (official rule)."""
-        pos = self.seq.caption_positions.to(self.embeds.device)
-        x = self.embeds.clone()
-        x[pos] = model.decoder.wte(tokens)
-        return model.decoder.logits(self.hidden(model, x)[pos])
+    def inputs(self, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The arguments of `sequence_logits` with caption tokens (M,) in place (default: all masked)."""
+        ids = self.seq.ids if tokens is None else self.seq.ids.index_put((self.caption_pos,), tokens)
+        return (ids, self.visual.reshape(-1, self.visual.shape[-1]), self.image_pos, self.roi, self.roi_pos,
+                self.seq.allowed, self.caption_pos)
 
-    def hidden(self, model, x: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ANN001
-        """Decoder output (T, C) for inputs x (default: the pass's embeddings, every caption position masked)."""
-        x = self.embeds if x is None else x
-        positions = torch.arange(x.shape[0], device=x.device)
-        return model.decoder.forward_dense(x, positions, self.seq.allowed.to(x.device))
+    def logits(self, runner, tokens: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        """Caption tokens (M,) -> logits at the caption positions (M, K): one full forward."""
+        return runner.sequence_logits(*self.inputs(tokens))
 
 
-def prepare_pass(model, tokenizer: Tokenizer, special: SpecialTokens, rgb: np.ndarray,  # noqa: ANN001
-                 masks: Sequence[np.ndarray], caption_len: int) -> OfficialPass:
-    """Frame (H, W, 3) uint8 and 1..prompt_numbers boolean masks (H, W) -> the pass's sequence and embeddings."""
-    cfg = model.cfg
+def prepare_pass(runner, cfg: PDLMConfig, tokenizer: Tokenizer, special: SpecialTokens,  # noqa: ANN001
+                 rgb: np.ndarray, masks: Sequence[np.ndarray], caption_len: int) -> OfficialPass:
+    """Frame (H, W, 3) uint8 and 1..prompt_numbers boolean masks (H, W) -> the pass's sequence and inputs."""
     o, v = _official(cfg), cfg.vision
     if not 1 <= len(masks) <= o.prompt_numbers:
         raise ValueError(f"a pass takes 1..{o.prompt_numbers} masks (got {len(masks)})")
-    dev, dtype = model.device, model.decoder.wte.weight.dtype
+    dev = runner.device
     pixels, cols, rows = make_official_views(rgb, cfg)
     order = area_order(masks)
     masks = [np.asarray(masks[i], dtype=bool) for i in order]
     views, g = pixels.shape[0], v.grid
-    active = torch.from_numpy(np.stack([mask_patches(m, i, cols, rows, v.image_size, v.patch_size)
-                                        for i, m in enumerate(masks)]))  # (N, V, g, g)
-    active = active.reshape(len(masks), views, g * g, 1).to(dev, model.mask_id_embedding.weight.dtype)
-    ids = model.mask_id_embedding.weight[: len(masks)]  # (N, Cv)
-    bias = (active * ids[:, None, None, :]).sum(0)  # (V, g*g, Cv): overlapping masks add up
-    feats = model.vision(pixels.to(dev, dtype), patch_bias=bias)  # (V, g, g, Cv)
-    visual = model.connector(pixel_unshuffle(feats, v.unshuffle))  # (V, t*t, C)
+    active = np.zeros((o.prompt_numbers, views, g * g), dtype=np.float32)  # unused slots stay 0
+    for i, m in enumerate(masks):
+        active[i] = mask_patches(m, i, cols, rows, v.image_size, v.patch_size).reshape(views, g * g)
+    visual = runner.visual_tokens(pixels.to(dev, runner.dtype), torch.from_numpy(active).to(dev))  # (V, t*t, C)
 
     fmap = merge_tiles(visual, cols, rows)  # (C, Hf, Wf)
     out_hw = o.roi_output_size or (fmap.shape[1], fmap.shape[2])
     boxes = roi_boxes(mask_boxes(masks), fmap.shape[1], fmap.shape[2]).to(dev)
     roi = roi_align(fmap, boxes, out_hw, spatial_scale=1.0 / ROI_SCALE)  # (N, C, oh, ow)
-    roi = roi.permute(0, 2, 3, 1).reshape(len(masks), out_hw[0] * out_hw[1], -1).to(dtype)  # row-major tokens
+    roi = roi.permute(0, 2, 3, 1).reshape(len(masks) * out_hw[0] * out_hw[1], -1).to(runner.dtype)  # row-major
 
     text = prompt_text(o, visual.shape[1], views, len(masks), caption_len)
-    seq = build_sequence(tokenizer.encode(text).ids, special, len(masks), roi.shape[1], caption_len)
-    seq.ids = seq.ids.to(dev)
-    x = model.decoder.wte(seq.ids)  # (T, C)
-    is_image = seq.ids == special.image
-    if int(is_image.sum()) != visual.shape[0] * visual.shape[1]:
-        raise CheckpointError(f"the prompt has {int(is_image.sum())} image tokens for {visual.shape[0]} views of "
+    seq = build_sequence(tokenizer.encode(text).ids, special, len(masks), out_hw[0] * out_hw[1], caption_len)
+    image_pos = (seq.ids == special.image).nonzero().flatten()
+    if image_pos.numel() != visual.shape[0] * visual.shape[1]:
+        raise CheckpointError(f"the prompt has {image_pos.numel()} image tokens for {visual.shape[0]} views of "
                               f"{visual.shape[1]} tokens: the tokenizer does not keep {o.image_token} whole")
-    x[is_image] = visual.reshape(-1, visual.shape[-1]).to(dtype)
-    for k, (start, end) in enumerate(seq.roi_spans):
-        x[start:end] = roi[k]
-    return OfficialPass(seq, x, order, visual)
+    roi_pos = torch.cat([torch.arange(a, b) for a, b in seq.roi_spans])
+    seq.ids, seq.allowed = seq.ids.to(dev), seq.allowed.to(dev)
+    return OfficialPass(seq, order, visual, roi, image_pos.to(dev), roi_pos.to(dev), seq.caption_positions.to(dev))
 
 
 def _official(cfg: PDLMConfig) -> OfficialConfig:

@@ -81,6 +81,12 @@ class PerceptionDLM(nn.Module):
     def device(self) -> torch.device:
         return self.decoder.wte.weight.device
 
+    def official_runner(self):  # noqa: ANN201
+        """The official layout's two computations on these modules (`official.TorchRunner`)."""
+        from pdlm_ros.model.official import TorchRunner
+
+        return TorchRunner(self)
+
     # -- frame ------------------------------------------------------------------------------------------------------
     def encode_frame(self, rgb: np.ndarray) -> EncodedFrame:
         """rgb (H, W, 3) uint8 -> visual tokens, RoI feature map and prefix embeddings."""

@@ -43,28 +43,43 @@ def case_data(name: str) -> dict:
     return f
 
 
+def run_pass(model, tok, name: str):
+    f, c = case_data(name), CASES[name]
+    return prepare_pass(model.official_runner(), model.cfg, tok, model.special_tokens, f["image"].numpy(),
+                        f["masks_np"], c["gen_len"])
+
+
+def all_logits(model, ps) -> torch.Tensor:
+    """Logits at every position (T, K) of the pass's first forward (the fixtures record all of them)."""
+    runner = model.official_runner()
+    x = runner.embed(*ps.inputs()[:5])
+    h = model.decoder.forward_dense(x, torch.arange(x.shape[0]), ps.seq.allowed)
+    return model.decoder.logits(h)
+
+
 def first_forward(model, tok, name: str) -> tuple[bool, float]:
     """(token ids equal, max |logit difference| over the recorded columns; inf when the ids differ)."""
-    f, c = case_data(name), CASES[name]
+    f = case_data(name)
     with torch.inference_mode():
-        ps = prepare_pass(model, tok, model.special_tokens, f["image"].numpy(), f["masks_np"], c["gen_len"])
+        ps = run_pass(model, tok, name)
         if not torch.equal(ps.seq.ids, f["input_ids"]):
             return False, float("inf")
-        logits = model.decoder.logits(ps.hidden(model))
+        logits = all_logits(model, ps)
     return True, float((logits[:, f["logit_cols"]] - f["logits_sub"]).abs().max())
 
 
 def final_tokens(model, tok, name: str, decode=global_remask_decode) -> torch.Tensor:
-    f, c = case_data(name), CASES[name]
+    c = CASES[name]
+    runner = model.official_runner()
     with torch.inference_mode():
-        ps = prepare_pass(model, tok, model.special_tokens, f["image"].numpy(), f["masks_np"], c["gen_len"])
-        pos = ps.seq.caption_positions
+        ps = run_pass(model, tok, name)
+        pos = ps.caption_pos
         if decode is global_remask_decode:
-            res = decode(lambda t: ps.logits(model, t), pos.numel(), model.cfg.mask_token_id, steps=c["steps"])
+            res = decode(lambda t: ps.logits(runner, t), pos.numel(), model.cfg.mask_token_id, steps=c["steps"])
             toks = res.tokens[0]
         else:  # LLaDA's per-span schedule, committed tokens never re-masked
             n, length = len(ps.seq.caption_spans), c["gen_len"]
-            res = decode(lambda t, act: ps.logits(model, t.reshape(-1)).reshape(n, length, -1), n, length,
+            res = decode(lambda t, act: ps.logits(runner, t.reshape(-1)).reshape(n, length, -1), n, length,
                          model.cfg.mask_token_id, steps=c["steps"])
             toks = res.tokens.reshape(-1)
         out = ps.seq.ids.clone()
@@ -78,13 +93,14 @@ def test_first_forward_matches_official(official_model, name):
     model, tok = official_model
     f, c = case_data(name), CASES[name]
     with torch.inference_mode():
-        ps = prepare_pass(model, tok, model.special_tokens, f["image"].numpy(), f["masks_np"], c["gen_len"])
+        ps = run_pass(model, tok, name)
         assert ps.order == c["order"]
         assert torch.equal(ps.seq.ids, f["input_ids"])
         assert torch.equal(ps.seq.allowed, f["allowed"])
         torch.testing.assert_close(ps.visual.float(), f["vision_embeds"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(ps.embeds.float(), f["inputs_embeds"], atol=1e-5, rtol=0)
-        logits = model.decoder.logits(ps.hidden(model))
+        embeds = model.official_runner().embed(*ps.inputs()[:5])
+        torch.testing.assert_close(embeds.float(), f["inputs_embeds"], atol=1e-5, rtol=0)
+        logits = all_logits(model, ps)
     assert float((logits[:, f["logit_cols"]] - f["logits_sub"]).abs().max()) < LOGIT_ATOL
     torch.testing.assert_close(logits.max(-1).values, f["maxval"], atol=LOGIT_ATOL, rtol=0)
     assert torch.equal(logits.argmax(-1), f["argmax"])
