@@ -47,6 +47,13 @@ def _verify(cap, out_dir: str) -> dict[str, float]:  # noqa: ANN001
     from pdlm_ros.types import RegionInput
 
     rgb = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    if cap.layout == "official":
+        from pdlm_ros.runtime.onnxruntime_backend import compare_official_with_torch
+
+        masks = [np.zeros((240, 320), dtype=bool) for _ in range(2)]
+        masks[0][20:200, 10:120] = True
+        masks[1][30:160, 150:300] = True
+        return compare_official_with_torch(cap.model, OnnxRuntimeBackend(out_dir), rgb, masks, cap.tokenizer)
     regions, _ = prepare_regions([RegionInput(box=(10, 20, 120, 200)), RegionInput(box=(150, 30, 300, 160)),
                                   RegionInput(box=(60, 150, 250, 235))], 320, 240)
     return compare_with_torch(cap.model, OnnxRuntimeBackend(out_dir), rgb, regions)

@@ -105,6 +105,12 @@ def load_captioner(p: NodeParams) -> Any:
                         preset=p.preset or None, device=device, seed=p.seed, engine_root=engine_root())
 
 
+def _resolved_mode(captioner: Any, mode: str) -> str:
+    """The mode `auto` stands for with this captioner (parallel, or official for the released PerceptionDLM)."""
+    resolve = getattr(captioner, "resolve_mode", None)
+    return str(resolve(mode)) if callable(resolve) else mode
+
+
 def model_info_msg(captioner: Any, p: NodeParams, header: Any) -> Any:
     """pdlm_ros/ModelInfo of a loaded captioner (fields the backend does not report stay empty or 0)."""
     cfg = getattr(captioner, "config", None)
@@ -113,7 +119,7 @@ def model_info_msg(captioner: Any, p: NodeParams, header: Any) -> Any:
     return M.typestore().types[M.MODEL_INFO](
         header=header, name=str(getattr(captioner, "name", "")), checkpoint=p.checkpoint,
         layout=str(getattr(captioner, "layout", "") or getattr(cfg, "layout", "") or ""), backend=p.backend,
-        device=str(getattr(captioner, "device", "")), decoding_mode=p.decoding_mode,
+        device=str(getattr(captioner, "device", "")), decoding_mode=_resolved_mode(captioner, p.decoding_mode),
         decoding_steps=int(p.decoding_steps or getattr(dec, "steps", 0) or 0),
         caption_len=int(getattr(dec, "caption_len", 0) or 0),
         max_regions=int(getattr(region, "max_regions", 0) or 0))

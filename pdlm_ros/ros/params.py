@@ -50,8 +50,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("device", "auto", str, "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1"),
     ParamSpec("seed", 0, int, "random seed (preset weights, sampling with temperature > 0)", (0, 2**31 - 1)),
     # decoding
-    ParamSpec("decoding.mode", "parallel", str, "decoding mode: all regions in one pass (parallel) or others",
-              choices=MODES),
+    ParamSpec("decoding.mode", "auto", str, "decoding mode; auto: parallel (all regions in one pass), or official "
+              "for the released PerceptionDLM", choices=MODES),
     ParamSpec("decoding.steps", 0, int, "denoising steps per caption; 0: the model's default", (0, 1024)),
     ParamSpec("decoding.threshold", 0.0, float, "confidence threshold (mode threshold); 0: the model's default",
               (0.0, 1.0)),
@@ -139,7 +139,7 @@ class NodeParams:
     engine_path: str = ""
     device: str = "auto"
     seed: int = 0
-    decoding_mode: str = "parallel"
+    decoding_mode: str = "auto"
     decoding_steps: int = 0
     decoding_threshold: float = 0.0
     decoding_temperature: float = 0.0

@@ -32,7 +32,7 @@ from pdlm_ros.model.config import PDLMConfig
 from pdlm_ros.model.pdlm import EncodedFrame
 from pdlm_ros.model.regions import PreparedRegion, RegionEncoder
 from pdlm_ros.model.vision import make_views, stitch_tiles
-from pdlm_ros.types import CACHED_MODES, FrameResult, RegionInput
+from pdlm_ros.types import CACHED_MODES, OFFICIAL_MODES, FrameResult, RegionInput
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST_NAME", "BACKENDS", "TensorInfo", "GraphInfo", "Manifest", "read_manifest",
            "torch_dtype", "load_export_tokenizer", "Backend", "GraphPrefix", "GraphModel", "GraphCaptioner", "load_captioner"]
@@ -41,6 +41,11 @@ EXPORT_FORMAT = 1
 MANIFEST_NAME = "export.json"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 GRAPHS = ("vision", "regions", "prefix", "step")
+OFFICIAL_GRAPHS = ("official_vision", "official_step")  # an official-layout export (see onnx_export)
+
+
+def graph_names(manifest: "Manifest") -> tuple[str, ...]:
+    return OFFICIAL_GRAPHS if manifest.config.get("layout") == "official" else GRAPHS
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -162,18 +167,44 @@ class GraphPrefix:
         return int(self.keys.shape[2])
 
 
+class GraphRunner:
+    """The official layout's two computations (`official.TorchRunner`'s methods) as exported graphs."""
+
+    def __init__(self, backend: Backend, dtype: torch.dtype) -> None:
+        self.backend, self.device, self.dtype = backend, backend.device, dtype
+
+    def visual_tokens(self, pixels: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        return self.backend.run("official_vision", {"pixels": pixels, "active": active.float()})["visual"]
+
+    def sequence_logits(self, ids: torch.Tensor, visual: torch.Tensor, image_pos: torch.Tensor, roi: torch.Tensor,
+                        roi_pos: torch.Tensor, allowed: torch.Tensor, caption_pos: torch.Tensor) -> torch.Tensor:
+        out = self.backend.run("official_step", {"ids": ids, "visual": visual, "image_pos": image_pos, "roi": roi,
+                                                 "roi_pos": roi_pos, "allowed": allowed, "caption_pos": caption_pos})
+        return out["logits"]
+
+
 class GraphModel:
     """A `PerceptionDLM` look-alike for `Captioner` whose model calls run exported graphs on a backend."""
 
-    def __init__(self, backend: Backend, max_regions: int | None = None) -> None:
+    def __init__(self, backend: Backend, max_regions: int | None = None, tokenizer: Any = None) -> None:
         self.backend = backend
         cfg = backend.manifest.cfg()
-        if max_regions is not None:  # an engine built for fewer regions per pass: Captioner chunks by this
+        if max_regions is not None and cfg.official is None:  # an engine built for fewer regions per pass
             cfg = cfg.replace(region=dataclasses.replace(cfg.region, max_regions=max_regions))
         self.cfg = cfg
         self.dtype = torch_dtype(backend.manifest.precision)
+        if cfg.official is not None:
+            from pdlm_ros.model.official import SpecialTokens
+
+            if tokenizer is None:
+                raise EngineError("an official-layout export needs its tokenizer.json (re-export the model)")
+            self.special_tokens = SpecialTokens.from_tokenizer(tokenizer, cfg, "the export's tokenizer.json")
+            return
         with torch.device("meta"):  # only the host-side sampling code is used; no weights are allocated
             self._sampler = RegionEncoder(cfg.region, cfg.vision.hidden_size, cfg.decoder.d_model)
+
+    def official_runner(self) -> GraphRunner:
+        return GraphRunner(self.backend, self.dtype)
 
     def eval(self) -> "GraphModel":
         return self
@@ -217,14 +248,14 @@ class GraphCaptioner(Captioner):
 
     def __init__(self, backend: Backend, tokenizer: Any = None, *, name: str | None = None,
                  max_regions: int | None = None) -> None:
-        model = GraphModel(backend, max_regions)
+        model = GraphModel(backend, max_regions, tokenizer)
         super().__init__(model, tokenizer, name=name or f"{backend.manifest.model_name} ({backend.kind})")  # type: ignore[arg-type]
         self.backend = backend
 
     def caption(self, image: object, regions: Sequence[RegionInput], *, mode: str = "auto",
                 **kwargs: Any) -> FrameResult:
         mode = self.resolve_mode(mode)
-        if mode not in CACHED_MODES:
+        if mode not in CACHED_MODES + OFFICIAL_MODES:
             raise ConfigError(f"mode {mode!r} recomputes the whole sequence every step and has no exported graph; "
                               f"the {self.backend.kind} backend runs {', '.join(CACHED_MODES)} "
                               "(use backend torch for the others)")

@@ -10,6 +10,13 @@ K vocabulary.
   step.onnx     roi, tokens (N, L) int64, prefix_k, prefix_v    -> logits (N, L, K), token (N, L), prob (N, L)
   step.trt.onnx the same step with one pdlm::RegionAttention node per layer (variant "tensorrt")
 
+An official-layout checkpoint (the released PerceptionDLM) exports two other graphs, as its rule recomputes the whole
+sequence at every step (`pdlm_ros.model.official`); only the portable variant:
+
+  official_vision.onnx  pixels (V, 3, S, S), active (prompt_numbers, V, g*g) -> visual (V, t*t, C)
+  official_step.onnx    ids (T,), visual (Vt, C), image_pos (Vt,), roi (NR, C), roi_pos (NR,), allowed (T, T),
+                        caption_pos (M,)                                         -> logits (M, K)
+
 Like segment-anything's SamOnnxModel, each wrapper holds the model's submodules and calls the methods the PyTorch
 path calls, so there is one model definition. The vision graph appends the prompt embeddings (constant per model),
 so the deployed decoder never needs the embedding table outside the step graph. RoI sampling stays on the host: it
@@ -48,7 +55,8 @@ from pdlm_ros.model.vision import pixel_unshuffle, select_grid
 from pdlm_ros.runtime import EXPORT_FORMAT, MANIFEST_NAME, GraphInfo, Manifest, TensorInfo, read_manifest
 from pdlm_ros.runtime.plugin.signature import REGION_ATTENTION
 
-__all__ = ["VisionGraph", "RegionsGraph", "PrefixGraph", "StepGraph", "model_hash", "export_model",
+__all__ = ["VisionGraph", "RegionsGraph", "PrefixGraph", "StepGraph", "OfficialVisionGraph", "OfficialStepGraph",
+           "model_hash", "export_model",
            "ensure_export", "register_onnx_schema", "VARIANTS", "DEFAULT_OPSET"]
 
 log = logging.getLogger(__name__)
@@ -114,6 +122,30 @@ class StepGraph(nn.Module):
         scores = logits.float().masked_fill(self.mask_token, float("-inf"))
         prob, token = torch.softmax(scores, dim=-1).max(dim=-1)  # (N, L) each
         return logits, token, prob
+
+
+class OfficialVisionGraph(nn.Module):
+    """Official layout: views and active mask patches -> abstractor outputs (`TorchRunner.visual_tokens`)."""
+
+    def __init__(self, model: PerceptionDLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        return self.model.official_runner().visual_tokens(pixels, active)
+
+
+class OfficialStepGraph(nn.Module):
+    """Official layout: one full forward of the sequence (`TorchRunner.sequence_logits`)."""
+
+    def __init__(self, model: PerceptionDLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, visual: torch.Tensor, image_pos: torch.Tensor, roi: torch.Tensor,
+                roi_pos: torch.Tensor, allowed: torch.Tensor, caption_pos: torch.Tensor) -> torch.Tensor:
+        return self.model.official_runner().sequence_logits(ids, visual, image_pos, roi, roi_pos, allowed,
+                                                            caption_pos)
 
 
 # -- the custom node -----------------------------------------------------------------------------------------------
@@ -302,6 +334,9 @@ def export_model(model: PerceptionDLM, out_dir: str | Path, *, tokenizer: Any = 
     if variant not in VARIANTS:
         raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     cfg = model.cfg
+    if cfg.layout == "official":
+        return _export_official(model, Path(out_dir), tokenizer=tokenizer, variant=variant, dtype=dtype, opset=opset,
+                                hash_=hash_)
     max_regions = max_regions or cfg.region.max_regions
     if max_regions < 1:
         raise ConfigError(f"max_regions must be >= 1 (got {max_regions})")
@@ -373,6 +408,69 @@ def export_model(model: PerceptionDLM, out_dir: str | Path, *, tokenizer: Any = 
         dims={**ranges, "regions": (1, min(4, max_regions), max_regions)},
         config=json.loads(json.dumps(cfg.to_dict())), prompt_ids=tuple(int(i) for i in model.prompt_ids.tolist()),
         plugin=REGION_ATTENTION.to_dict(), graphs=tuple(graphs),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    manifest.write(out / MANIFEST_NAME)
+    return manifest
+
+
+def _export_official(model: PerceptionDLM, out: Path, *, tokenizer: Any, variant: str, dtype: torch.dtype | None,
+                     opset: int, hash_: str | None) -> Manifest:
+    import onnx
+
+    from pdlm_ros.model.official import tile_grid
+
+    if variant == "tensorrt":
+        raise ConfigError("the official layout exports the portable graphs only (no TensorRT variant yet); "
+                          "use --variant portable")
+    cfg = model.cfg
+    o, v, d = cfg.official, cfg.vision, cfg.decoder
+    out.mkdir(parents=True, exist_ok=True)
+    hash_ = hash_ or model_hash(model)
+    model = model.eval().to("cpu")
+    if dtype is not None:
+        model = model.to(dtype)
+    wdtype = model.decoder.wte.weight.dtype
+    gen = torch.Generator().manual_seed(0)
+    views, t = 2, v.tokens_per_view
+    g2 = v.grid * v.grid
+    n, r = 2, o.roi_tokens if o.roi_output_size else 16
+    seq = views * t + n * (r + cfg.decoding.caption_len) + 40
+    caption_pos = torch.arange(seq - n * cfg.decoding.caption_len, seq)
+    jobs = [
+        ("official_vision", OfficialVisionGraph(model),
+         (torch.randn(views, 3, v.image_size, v.image_size, generator=gen).to(wdtype),
+          (torch.rand(o.prompt_numbers, views, g2, generator=gen) > 0.5).float()),
+         ["pixels", "active"], {"visual": ("views", t, d.d_model)},
+         {"pixels": {0: "views"}, "active": {1: "views"}, "visual": {0: "views"}}),
+        ("official_step", OfficialStepGraph(model),
+         (torch.randint(0, d.vocab_size, (seq,), generator=gen), torch.randn(views * t, d.d_model, generator=gen).to(wdtype),
+          torch.arange(5, 5 + views * t), torch.randn(n * r, d.d_model, generator=gen).to(wdtype),
+          torch.arange(5 + views * t, 5 + views * t + n * r), torch.ones(seq, seq, dtype=torch.bool), caption_pos),
+         ["ids", "visual", "image_pos", "roi", "roi_pos", "allowed", "caption_pos"],
+         {"logits": ("captions", d.vocab_size)},
+         {"ids": {0: "seq"}, "visual": {0: "visual"}, "image_pos": {0: "visual"}, "roi": {0: "roi_tokens"},
+          "roi_pos": {0: "roi_tokens"}, "allowed": {0: "seq", 1: "seq"}, "caption_pos": {0: "captions"},
+          "logits": {0: "captions"}}),
+    ]
+    graphs: list[GraphInfo] = []
+    with torch.inference_mode():
+        for name, module, args, ins, outs, dyn in jobs:
+            path = out / f"{name}.onnx"
+            log.info("exporting %s", path)
+            _export_graph(module, args, path, inputs=ins, outputs=outs, dynamic=dyn, opset=opset)
+            graphs.append(_graph_info(path, name, "any"))
+    for gi in graphs:
+        onnx.checker.check_model(str(out / gi.file))
+    cols, rows = tile_grid(640, 480, o.min_tiles, o.max_tiles, v.image_size)
+    typical = 1 if cols * rows == 1 else cols * rows + 1
+    cfg.to_json(out / "config.json")
+    if tokenizer is not None:
+        tokenizer.save(str(out / "tokenizer.json"))
+    manifest = Manifest(
+        format=EXPORT_FORMAT, model_name=cfg.name, model_hash=hash_, precision=str(wdtype).replace("torch.", ""),
+        opset=opset, exporter=f"torch.onnx (TorchScript) {torch.__version__}", variants=("portable",),
+        dims={"views": (1, typical, o.max_tiles + 1), "regions": (1, min(4, o.prompt_numbers), o.prompt_numbers)},
+        config=json.loads(json.dumps(cfg.to_dict())), prompt_ids=(), plugin={}, graphs=tuple(graphs),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     manifest.write(out / MANIFEST_NAME)
     return manifest

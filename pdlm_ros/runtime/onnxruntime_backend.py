@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from pdlm_ros.errors import EngineError
-from pdlm_ros.runtime import GRAPHS, GraphCaptioner, Manifest, load_export_tokenizer, read_manifest
+from pdlm_ros.runtime import GraphCaptioner, Manifest, graph_names, load_export_tokenizer, read_manifest
 
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeCaptioner", "compare_with_torch"]
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeCaptioner", "compare_with_torch", "compare_official_with_torch"]
 
 
 
@@ -47,7 +47,7 @@ class OnnxRuntimeBackend:
         opts.log_severity_level = 3
         self.device = torch.device("cpu")  # tensors cross the seam on the host; ORT moves them to its provider
         self.sessions: dict[str, Any] = {}
-        for name in GRAPHS:
+        for name in graph_names(self.manifest):
             info = self.manifest.graph(name, "portable")
             try:
                 self.sessions[name] = ort.InferenceSession(str(self.export_dir / info.file), opts, providers=list(providers))
@@ -110,3 +110,28 @@ def compare_with_torch(model: Any, backend: OnnxRuntimeBackend, rgb: np.ndarray,
             "prefix_k": diff(torch.stack(ref_cache.keys), got_cache.keys),
             "prefix_v": diff(torch.stack(ref_cache.values), got_cache.values),
             "logits": diff(ref_logits, got_logits)}
+
+
+def compare_official_with_torch(model: Any, backend: OnnxRuntimeBackend, rgb: np.ndarray,
+                                masks: Sequence[np.ndarray], tokenizer: Any, seed: int = 0) -> dict[str, float]:
+    """Official layout: max |difference| of the two graphs' outputs against PyTorch on one frame (noisy captions)."""
+    from pdlm_ros.model.official import prepare_pass
+    from pdlm_ros.runtime import GraphModel
+
+    graph_model = GraphModel(backend, tokenizer=tokenizer)
+    cfg = model.cfg
+    ref_runner, got_runner = model.official_runner(), graph_model.official_runner()
+    with torch.inference_mode():
+        ref = prepare_pass(ref_runner, cfg, tokenizer, model.special_tokens, rgb, masks, cfg.decoding.caption_len)
+        got = prepare_pass(got_runner, cfg, tokenizer, graph_model.special_tokens, rgb, masks,
+                           cfg.decoding.caption_len)
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, cfg.decoder.vocab_size, ref.caption_pos.shape, generator=g)
+        tokens[torch.rand(tokens.shape, generator=g) < 0.5] = cfg.mask_token_id
+        # the step is compared on identical inputs (the reference's), so its error is its own
+        ref_logits, got_logits = ref.logits(ref_runner, tokens), ref.logits(got_runner, tokens)
+
+    def diff(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b.float()).abs().max())
+
+    return {"visual": diff(ref.visual, got.visual), "roi": diff(ref.roi, got.roi), "logits": diff(ref_logits, got_logits)}

@@ -172,6 +172,9 @@ def build_engines(export_dir: str | Path, settings: BuildSettings | None = None,
 
     if settings.plugin_library:
         load_plugin_library(settings.plugin_library)
+    if manifest.config.get("layout") == "official":
+        raise EngineError(f"{export_dir} is an official-layout export; TensorRT engines are built for the native "
+                          "layout only so far (run it with --backend onnxruntime or torch)")
     plugin_ready = bool(settings.plugin_library) or register_plugin()
     variant, why = choose_step_variant(manifest, settings, plugin_ready, trt.__version__)
     if variant == "portable" and "tensorrt" in manifest.variants:
