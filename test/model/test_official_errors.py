@@ -84,3 +84,42 @@ def test_shape_mismatch(tmp_path, capsys, frame):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     rc, err = caption(capsys, frame, ckpt)
     assert rc != 0 and len(err) == 1 and "shape mismatches" in err[0] and "decoder.blocks.0.ff_proj.weight" in err[0]
+
+
+def test_replay_takes_an_official_checkpoint(tmp_path, capsys):
+    """A sample bag replayed with the official fixture checkpoint: one caption per detection, layout official."""
+    from test.replay.conftest import read_bag
+
+    assert main(["make-sample-bag", str(tmp_path / "s"), "--frames", "1", "--storage", "sqlite3",
+                 "--size", "96x64"]) == 0
+    capsys.readouterr()
+    assert main(["replay", str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--checkpoint", str(FIXTURE),
+                 "--dtype", "float32", "--steps", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["summary"]["frames"] == 1 and doc["summary"]["regions"] >= 1
+    captions = read_bag(tmp_path / "o" / "bag")["/pdlm/captions"]
+    assert len(captions) == 1 and all(c.caption for c in captions[0][1].regions)
+
+
+def test_node_takes_an_official_checkpoint():
+    """The node's `checkpoint` parameter with the official fixture: captions per detection, mode auto -> official."""
+    from pdlm_ros.ros.node_core import NodeCore
+    from pdlm_ros.ros.params import NodeParams
+    from test.ros.conftest import RecordingOutputs, frame
+
+    out = RecordingOutputs(None)
+    node = NodeCore(NodeParams.from_values({"checkpoint": str(FIXTURE), "device": "cpu", "decoding.steps": 2,
+                                            "diagnostics.period": 3600.0}), out)
+    try:
+        node.configure()
+        node.activate()
+        image, dets = frame(1_000_000_000, [("a", (5.0, 5.0, 40.0, 30.0)), ("b", (50.0, 20.0, 80.0, 60.0))])
+        node.on_image(image)
+        node.on_detections(dets)
+        assert node.wait_idle(timeout=120)
+    finally:
+        node.shutdown()
+    caps = out.on("captions")
+    assert len(caps) == 1 and [r.id for r in caps[0].regions] == ["a", "b"]
+    assert all(r.caption and not r.error for r in caps[0].regions) and caps[0].nfe == 2
+    assert out.on("model_info")[0].decoding_mode == "official"
