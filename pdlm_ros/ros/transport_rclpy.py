@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -375,23 +376,22 @@ class RclpyTransport(Transport):
         executor = MultiThreadedExecutor(num_threads=3)
         executor.add_node(node)
         code = 0
-        with bridge_logging(node):
-            code = self._spin(node, executor, stop)
-        return code
-
-    @staticmethod
-    def _spin(node: PdlmLifecycleNode, executor: MultiThreadedExecutor, stop: threading.Event) -> int:
-        code = 0
         try:
-            if node.get_parameter("autostart").value:
-                if node.trigger_configure() != TransitionCallbackReturn.SUCCESS or \
-                        node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-                    code = 1
-            while code == 0 and rclpy.ok() and not stop.is_set():
-                executor.spin_once(timeout_sec=0.2)
+            with bridge_logging(node):
+                if node.get_parameter("autostart").value:
+                    if node.trigger_configure() != TransitionCallbackReturn.SUCCESS or \
+                            node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                        code = 1
+                while code == 0 and rclpy.ok() and not stop.is_set():
+                    executor.spin_once(timeout_sec=0.2)
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         finally:
+            # Ctrl-C in a terminal reaches the node twice (the process group and `ros2 launch` forwarding it): a
+            # second KeyboardInterrupt must not cut the shutdown short
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # after the bridge: on Ctrl-C the context is already shut down and /rosout is gone
             if node.core is not None:
                 node.core.shutdown()
             executor.shutdown()
