@@ -174,7 +174,12 @@ def _run_bench(args: argparse.Namespace, progress: bool) -> Any:
     captioner = load_captioner(args)
     mode = resolve_mode(captioner, args.mode)
     out = Path(args.out or f"out/eval-{args.bench}")
-    report = run_benchmark(captioner, bench, client, model_id=_model_id(args), checkpoint=args.checkpoint,
+    weights = args.checkpoint
+    if weights is None and not args.preset:
+        from pdlm_ros.captioner import DEFAULT_CHECKPOINT
+
+        weights = DEFAULT_CHECKPOINT  # fingerprinted like any checkpoint: a retrained bundle gets new cache keys
+    report = run_benchmark(captioner, bench, client, model_id=_model_id(args), checkpoint=weights,
                            mode=mode, steps=args.steps, cache_dir=out / "cache", limit=args.regions,
                            progress=progress, check=False,
                            masks_per_pass="official" if args.masks_per_pass is None else (args.masks_per_pass or None))

@@ -19,9 +19,10 @@ names neither Yes nor No counts as not recognised (the scripts raise); images ar
 request that still fails after its retries stops the run with JudgeError instead of scoring 0, so an outage never
 shows up as a low score (what was answered is cached; a rerun continues).
 
-Caches (JSON, rewritten atomically): captions per image, keyed by model, mode and steps; judge replies keyed by
-a hash of the whole request (judge model, prompt, images), so a changed caption is asked again and an unchanged
-one never is. `max_calls` bounds the HTTP requests a run may send, retries included.
+Caches (JSON, rewritten atomically): captions per image, keyed by model (with a fingerprint of the checkpoint's
+files), mode, steps and masks per pass; judge replies keyed by a hash of the whole request (judge model, prompt,
+images), so a changed caption is asked again and an unchanged one never is. `max_calls` bounds the HTTP requests a
+run may send, retries included.
 """
 
 from __future__ import annotations

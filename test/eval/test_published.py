@@ -565,3 +565,13 @@ def test_the_official_layout_checkpoint_runs_through_the_same_harness(tmp_path):
     assert [len(c["regions"]) for c in rec.calls] == [3, 3]
     assert all(c["kw"]["mode"] == "official" for c in rec.calls)
     assert run.nfe == sum(c["result"].stats.nfe for c in rec.calls) > 0 and len(run.captions) == 6
+
+
+def test_caption_cache_keys_follow_the_checkpoint_files(tmp_path):
+    from pdlm_ros.eval.published import _fingerprint
+
+    (tmp_path / "model.safetensors").write_bytes(b"1234")
+    before = _fingerprint(tmp_path)
+    assert before == _fingerprint(tmp_path) and _fingerprint(None) == ""
+    (tmp_path / "model.safetensors").write_bytes(b"123456")  # retrained: another size
+    assert _fingerprint(tmp_path) != before
