@@ -575,3 +575,34 @@ def test_caption_cache_keys_follow_the_checkpoint_files(tmp_path):
     assert before == _fingerprint(tmp_path) and _fingerprint(None) == ""
     (tmp_path / "model.safetensors").write_bytes(b"123456")  # retrained: another size
     assert _fingerprint(tmp_path) != before
+
+
+def test_ctrl_c_while_judging_keeps_the_answers(bundled, tmp_path):
+    import os
+    import signal
+
+    bench = DLCBench(FIXTURES / "dlcbench", tmp_path / "images")
+    _synthetic_images(bench, tmp_path / "images")
+    policy = ScriptedJudge()
+
+    def interrupted(n, body):
+        if n == 6:  # the check and 4 answers are in: a real SIGINT, as Ctrl-C sends
+            os.kill(os.getpid(), signal.SIGINT)
+        return policy(n, body)
+
+    srv = ChatServer(interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_benchmark(Recorder(bundled), bench, _client(srv.url, concurrency=1), model_id="m", steps=1,
+                          limit=1, cache_dir=tmp_path / "cache")
+        answered = len(srv.requests) - 1
+        assert answered >= 4
+    finally:
+        srv.close()
+    srv = ChatServer(ScriptedJudge())
+    try:
+        report = run_benchmark(Recorder(bundled), bench, _client(srv.url), model_id="m", steps=1, limit=1,
+                               cache_dir=tmp_path / "cache")
+    finally:
+        srv.close()
+    assert report.judge_cached == answered and len(srv.requests) == 1 + len(bench.items[0].questions) + 1 - answered
