@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slop", type=float, default=0.0, metavar="SECONDS",
                    help="pair stamps that differ by at most this much (default 0: exact)")
     p.add_argument("--annotated", action="store_true", help="also write annotated images to the output bag")
+    p.add_argument("--no-cache", action="store_true",
+                   help="describe every region of every pair (default: reuse tracked regions' captions by the live "
+                        "node's cache rules, cache.max_age 2 s and cache.iou_threshold 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier replay output in OUT")
     add_model_options(p)
     add_threads_option(p)
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     detections = args.detections_topic or (None if args.mask_topic else "/detections")
     options = ReplayOptions(image_topic=args.image_topic, detections_topic=detections,
                             mask_topic=args.mask_topic, mode=args.mode, steps=args.steps, annotated=args.annotated,
-                            slop_s=args.slop)
+                            slop_s=args.slop, cache=not args.no_cache)
     set_threads(args.threads)
     captioner = load_captioner(args)
     result = replay(args.bag, args.out, captioner, options, overwrite=args.overwrite,

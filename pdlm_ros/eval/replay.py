@@ -6,7 +6,13 @@ lateness), and EVERY pair is captioned, so two replays of one bag give the same 
 
 The output bag (rosbag2 MCAP, metadata version 8, for `ros2 bag play`) holds the input topics that were read, copied
 message for message (ROS 1 input is converted to ROS 2 messages), plus one `pdlm_ros/msg/RegionCaptionArray` per
-pair on `caption_topic`, with the image's header, and optionally an annotated image per pair.
+pair on `caption_topic`, with the image's header, one `foxglove_msgs/msg/ImageAnnotations` per pair on
+`annotations_topic` (box outlines and captions stamped like the image, which Foxglove draws over it), and optionally
+an annotated image per pair.
+
+Captions of tracked regions are reused by the live node's cache rules (`pdlm_ros.ros.cache`: same track id, caption
+younger than `cache_max_age_s` in frame stamps, box IoU at least `cache_iou_threshold`), so a replayed bag shows the
+`cached`/`age` fields as the node would write them; `cache=False` describes every region of every pair.
 
 Nothing is dropped silently: a message that does not decode, a frame whose image is unusable and a pair that never
 forms are each counted and named in the result; a frame the model cannot use still gets its caption array, with
@@ -33,6 +39,8 @@ from pdlm_ros.data.bags import ROSBAG2_VERSION, InputBag, TopicInfo, open_bag
 from pdlm_ros.errors import BagError, ImageInputError, PDLMError, RegionInputError
 from pdlm_ros.ros import convert as C
 from pdlm_ros.ros import messages as M
+from pdlm_ros.ros.cache import CaptionCache, remember, reuse_cached
+from pdlm_ros.ros.params import NodeParams
 from pdlm_ros.ros.sync import StampSync, SyncCounters
 from pdlm_ros.types import CaptionerLike, FrameResult, FrameStats, RegionCaption, RegionInput
 from pdlm_ros.viz import draw_captions
@@ -62,6 +70,11 @@ class ReplayOptions:
     queue_size: int = 1000  # per stream; deep, so lateness never costs a pair in replay
     caption_topic: str = "/pdlm/captions"
     annotated_topic: str = "/pdlm/annotated_image"
+    annotations_topic: str = "/pdlm/annotations"
+    # the live node's caption cache and its defaults (params.PARAMS)
+    cache: bool = True
+    cache_max_age_s: float = NodeParams.cache_max_age
+    cache_iou_threshold: float = NodeParams.cache_iou_threshold
 
     @property
     def region_topic(self) -> str:
@@ -85,6 +98,7 @@ class FrameRecord:
     tpf: float = 0.0
     latency_ms: float = 0.0  # model time for the frame (Captioner's "total")
     error: str = ""
+    ages: tuple[float, ...] = ()  # per region: seconds since its (cached) caption was computed; 0 when fresh
 
 
 @dataclass(frozen=True)
@@ -254,6 +268,7 @@ def replay(bag_path: Path | str, out: Path | str, captioner: CaptionerLike, opti
         skipped: list[SkippedMessage] = []
         previews: dict[int, bytes] = {}
         output = _Output(out_bag, bag)
+        cache = CaptionCache(options.cache_max_age_s, options.cache_iou_threshold) if options.cache else None
         bar = None
         if progress:
             from tqdm import tqdm
@@ -279,10 +294,13 @@ def replay(bag_path: Path | str, out: Path | str, captioner: CaptionerLike, opti
                 else:
                     continue
                 for pair in pairs:
-                    record, result, image = _caption_pair(len(frames), pair, captioner, options, from_mask)
+                    record, result, image = _caption_pair(len(frames), pair, captioner, options, from_mask, cache)
                     frames.append(record)
                     header = C.header_msg(pair.stamp, str(pair.image[0].header.frame_id))
-                    output.write(options.caption_topic, M.CAPTION_ARRAY, t, C.caption_array_msg(result, header))
+                    output.write(options.caption_topic, M.CAPTION_ARRAY, t,
+                                 C.caption_array_msg(result, header, ages=record.ages or None))
+                    output.write(options.annotations_topic, M.IMAGE_ANNOTATIONS, t,
+                                 C.image_annotations_msg(record.regions, header))
                     if image is not None and options.annotated:
                         drawn = draw_captions(image, record.regions)
                         output.write(options.annotated_topic, M.IMAGE, t, C.image_to_msg(drawn, header))
@@ -308,14 +326,18 @@ def replay(bag_path: Path | str, out: Path | str, captioner: CaptionerLike, opti
     return result
 
 
-def _caption_pair(index: int, pair: Any, captioner: CaptionerLike, options: ReplayOptions, from_mask: bool
-                  ) -> tuple[FrameRecord, FrameResult, np.ndarray | None]:
+def _caption_pair(index: int, pair: Any, captioner: CaptionerLike, options: ReplayOptions, from_mask: bool,
+                  cache: CaptionCache | None = None) -> tuple[FrameRecord, FrameResult, np.ndarray | None]:
     (img_msg, img_type), region_msg = pair.image, pair.regions
     image: np.ndarray | None = None
+    ages: tuple[float, ...] = ()
     try:
         image = _image(img_msg, img_type)
         regions = _regions(region_msg, from_mask, image.shape[1], image.shape[0])
-        result = captioner.caption(image, regions, mode=options.mode, steps=options.steps)
+        if cache is None:
+            result = captioner.caption(image, regions, mode=options.mode, steps=options.steps)
+        else:
+            result, ages = _caption_with_cache(captioner, cache, image, regions, pair.stamp, options)
         error = ""
     except (ImageInputError, RegionInputError) as err:
         error = str(err)
@@ -328,8 +350,24 @@ def _caption_pair(index: int, pair: Any, captioner: CaptionerLike, options: Repl
     s = result.stats
     record = FrameRecord(index=index, stamp_ns=pair.stamp, regions_stamp_ns=pair.regions_stamp,
                          regions=list(result.regions), nfe=s.nfe, tokens=s.tokens, tpf=s.tpf,
-                         latency_ms=float(s.latency_ms.get("total", 0.0)), error=error)
+                         latency_ms=float(s.latency_ms.get("total", 0.0)), error=error, ages=ages)
     return record, result, image if not error else None
+
+
+def _caption_with_cache(captioner: CaptionerLike, cache: CaptionCache, image: np.ndarray,
+                        regions: list[RegionInput], stamp: int, options: ReplayOptions
+                        ) -> tuple[FrameResult, tuple[float, ...]]:
+    """As the node does it: cached captions for tracks still valid, the model for the rest (no pass when none)."""
+    cached, todo, boxes = reuse_cached(cache, regions, stamp)
+    stats, fresh = FrameStats(), {}
+    if todo:
+        part = captioner.caption(image, [regions[i] for i in todo], mode=options.mode, steps=options.steps)
+        stats = part.stats
+        fresh = {i: replace(cap, index=i) for i, cap in zip(todo, part.regions)}
+        remember(cache, regions, boxes, fresh, stamp)
+    merged = [fresh[i] if i in fresh else cached[i][0] for i in range(len(regions))]
+    ages = tuple(cached[i][1] if i in cached else 0.0 for i in range(len(regions)))
+    return FrameResult(merged, stats, captioner.name), ages
 
 
 def _check_pairs(result: ReplayResult, region_topic: str) -> None:

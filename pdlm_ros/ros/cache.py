@@ -8,15 +8,17 @@ regions are never cached. Memory is bounded: at most `max_tracks` tracks, least 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from pdlm_ros.types import RegionCaption, RegionInput
 
-__all__ = ["CachedCaption", "CaptionCache", "iou", "region_box"]
+__all__ = ["CachedCaption", "CaptionCache", "iou", "region_box", "reuse_cached", "remember"]
 
 Box = tuple[float, float, float, float]
 
@@ -94,3 +96,29 @@ class CaptionCache:
 
     def clear(self) -> None:
         self._tracks.clear()
+
+
+def reuse_cached(cache: CaptionCache, regions: Sequence[RegionInput], stamp: int
+                 ) -> tuple[dict[int, tuple[RegionCaption, float]], list[int], list[Box | None]]:
+    """The rule the live node and bag replay share: for each region still valid in `cache` at `stamp`, its cached
+    caption (marked `cached`, placed at this region's index and box) and its age in seconds; the indices of the
+    regions to describe now; every region's box (for `remember`)."""
+    boxes = [region_box(reg) for reg in regions]
+    cached: dict[int, tuple[RegionCaption, float]] = {}
+    todo: list[int] = []
+    for i, reg in enumerate(regions):
+        hit = cache.lookup(reg.region_id, boxes[i], stamp)
+        if hit is None:
+            todo.append(i)
+        else:
+            cap = dataclasses.replace(hit.caption, index=i, box=boxes[i], source_index=reg.source_index,
+                                      class_id=reg.class_id, score=reg.score, cached=True)
+            cached[i] = (cap, (stamp - hit.stamp) / 1e9)
+    return cached, todo, boxes
+
+
+def remember(cache: CaptionCache, regions: Sequence[RegionInput], boxes: Sequence[Box | None],
+             fresh: Mapping[int, RegionCaption], stamp: int) -> None:
+    """Store the fresh captions (refused ones are skipped by `CaptionCache.store`)."""
+    for i, cap in fresh.items():
+        cache.store(regions[i].region_id, boxes[i], cap, stamp)

@@ -34,14 +34,14 @@ from typing import Any, Protocol
 
 from pdlm_ros.errors import ConfigError, ImageInputError, PDLMError
 from pdlm_ros.ros import messages as M
-from pdlm_ros.ros.cache import CaptionCache, region_box
+from pdlm_ros.ros.cache import CaptionCache, remember, reuse_cached
 from pdlm_ros.ros.convert import (caption_array_msg, header_msg, image_annotations_msg, image_from_compressed,
                                   image_from_msg, image_to_msg, regions_from_detections, regions_from_instance_mask,
                                   scale_regions, stamp_ns)
 from pdlm_ros.ros.diagnostics import NodeHealth, Throttle, classify_error, diagnostic_array_msg
 from pdlm_ros.ros.params import NodeParams
 from pdlm_ros.ros.sync import Pair, StampSync
-from pdlm_ros.types import FrameResult, FrameStats, RegionCaption, RegionInput
+from pdlm_ros.types import FrameResult, FrameStats, RegionInput
 
 __all__ = ["TopicSpec", "Outputs", "NodeCore", "input_topics", "OUTPUT_TOPICS", "load_captioner", "engine_root",
            "model_info_msg"]
@@ -358,18 +358,11 @@ class NodeCore:
                                   "captioned in %d passes (slower, nothing dropped)", self.name, len(regions),
                                   pair.stamp, max_regions, -(-len(regions) // max_regions))
 
-        cached: dict[int, tuple[RegionCaption, float]] = {}
-        todo: list[int] = []
         use_cache = self.params.cache_enabled
-        boxes = [region_box(reg) for reg in regions] if use_cache else []
-        for i, reg in enumerate(regions):
-            hit = self.cache.lookup(reg.region_id, boxes[i], pair.stamp) if use_cache else None
-            if hit is None:
-                todo.append(i)
-            else:
-                cap = dataclasses.replace(hit.caption, index=i, box=boxes[i], source_index=reg.source_index,
-                                          class_id=reg.class_id, score=reg.score, cached=True)
-                cached[i] = (cap, (pair.stamp - hit.stamp) / 1e9)
+        if use_cache:
+            cached, todo, boxes = reuse_cached(self.cache, regions, pair.stamp)
+        else:
+            cached, todo, boxes = {}, list(range(len(regions))), []
 
         stats, fresh = FrameStats(), {}
         if todo:
@@ -391,8 +384,8 @@ class NodeCore:
                     self.health.error(classify_error(cap.error))
                     self.throttle.warning(classify_error(cap.error), "[%s] region %d (id %r) of frame %d refused: %s",
                                           self.name, i, cap.region_id, pair.stamp, cap.error)
-                elif use_cache:
-                    self.cache.store(regions[i].region_id, boxes[i], cap, pair.stamp)
+            if use_cache:
+                remember(self.cache, regions, boxes, fresh, pair.stamp)
 
         merged = [fresh[i] if i in fresh else cached[i][0] for i in range(len(regions))]
         ages = [cached[i][1] if i in cached else 0.0 for i in range(len(regions))]

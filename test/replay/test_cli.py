@@ -70,3 +70,16 @@ def test_demo_without_bundled_model_says_so_and_uses_tiny(tmp_path, capsys, monk
         assert line in out
     assert (tmp_path / "d" / "replay" / "report.html").is_file()
     assert main(["demo", "--out", str(tmp_path / "d"), "--frames", "2", "--preset", "tiny"]) == 0  # reruns cleanly
+
+
+def test_replay_no_cache_flag(tmp_path, capsys):
+    assert main(["make-sample-bag", str(tmp_path / "s"), "--frames", "3", "--json"]) == 0
+    bag = json.loads(capsys.readouterr().out)["bag"]
+    cached = {}
+    for flag in ([], ["--no-cache"]):
+        out = tmp_path / ("plain" if not flag else "nocache")
+        assert main(["replay", bag, "--out", str(out), "--preset", "tiny", "--threads", "1", "--json", *flag]) == 0
+        capsys.readouterr()
+        caps = read_bag(out / "bag")["/pdlm/captions"]
+        cached[bool(flag)] = sum(r.cached for _, m in caps for r in m.regions)
+    assert cached[False] > 0 and cached[True] == 0

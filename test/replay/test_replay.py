@@ -44,7 +44,11 @@ def _check_output(out_bag, n_pairs, image_topic=IMAGE_TOPIC, region_topic=DETECT
         if want is not None:
             assert [r.id for r in cap.regions] == want
         assert all(r.caption and not r.error for r in cap.regions)
-        assert cap.nfe > 0 and cap.latency_ms > 0
+        if all(r.cached for r in cap.regions):  # the node's cache rule: no decoder pass for this frame
+            assert cap.nfe == 0
+        else:
+            assert cap.nfe > 0 and cap.latency_ms > 0
+    assert not any(r.cached for r in caps[0][1].regions)
     return msgs
 
 
@@ -76,7 +80,8 @@ def test_output_bag_read_back_by_rosbags_with_types_and_counts(tmp_path, tiny_ca
     with AnyReader([result.out_bag]) as reader:  # rosbags alone, with the definitions stored in the bag
         topics = {name: (info.msgtype, info.msgcount) for name, info in reader.topics.items()}
         assert topics == {IMAGE_TOPIC: (M.IMAGE, 2), DETECTIONS_TOPIC: (M.DETECTION_ARRAY, 2),
-                          "/pdlm/captions": (M.CAPTION_ARRAY, 2), "/pdlm/annotated_image": (M.IMAGE, 2)}
+                          "/pdlm/captions": (M.CAPTION_ARRAY, 2), "/pdlm/annotated_image": (M.IMAGE, 2),
+                          "/pdlm/annotations": (M.IMAGE_ANNOTATIONS, 2)}
         for conn, _, raw in reader.messages():
             msg = reader.deserialize(raw, conn.msgtype)
             if conn.topic == "/pdlm/annotated_image":
@@ -104,7 +109,9 @@ def test_instance_mask_regions_carry_the_track_ids(tmp_path, tiny_captioner):
 
 def test_reports_json_html_plot_scores_and_stability(tmp_path, tiny_captioner):
     sample = write_sample_bag(tmp_path / "in", SampleBagSpec(frames=3))
-    result = replay(sample.bag, tmp_path / "out", tiny_captioner, OPTIONS)
+    # every region described, so each frame has a model latency (cached frames have none)
+    no_cache = ReplayOptions(image_topic=IMAGE_TOPIC, detections_topic=DETECTIONS_TOPIC, cache=False)
+    result = replay(sample.bag, tmp_path / "out", tiny_captioner, no_cache)
     ann = load_annotations(sample.annotations)
     report = build_report(result, ann)
     paths = write_reports(report, tmp_path / "out")
@@ -170,3 +177,42 @@ def test_compressed_images_replay_like_raw_ones(tmp_path, tiny_captioner):
     _check_output(compressed.out_bag, 2, image_topic="/camera/image_raw/compressed")
     assert [[c.caption for c in f.regions] for f in compressed.frames] == \
         [[c.caption for c in f.regions] for f in raw.frames]
+
+
+def test_replay_reuses_captions_by_the_node_cache_rules(tmp_path, tiny_captioner):
+    """Replay skipped the caption cache: `cached` was always false in replayed bags, unlike the live node."""
+    sample = write_sample_bag(tmp_path / "in", SampleBagSpec(frames=4))
+    on = replay(sample.bag, tmp_path / "on", tiny_captioner, OPTIONS)
+    off = replay(sample.bag, tmp_path / "off", tiny_captioner,
+                 ReplayOptions(image_topic=IMAGE_TOPIC, detections_topic=DETECTIONS_TOPIC, cache=False))
+    assert not any(r.cached for f in off.frames for r in f.regions)
+    last_fresh: dict[str, tuple[int, str]] = {}
+    hits = 0
+    for f in on.frames:
+        for k, r in enumerate(f.regions):
+            if r.cached:  # the caption of the frame the track was last described at, aged in frame stamps
+                hits += 1
+                described_at, caption = last_fresh[r.region_id]
+                assert r.caption == caption and f.ages[k] == pytest.approx((f.stamp_ns - described_at) / 1e9)
+            else:
+                last_fresh[r.region_id] = (f.stamp_ns, r.caption)
+    assert hits, "tracked regions of consecutive frames should reuse their captions"
+    assert sum(f.nfe for f in on.frames) < sum(f.nfe for f in off.frames)
+    caps = read_bag(on.out_bag)["/pdlm/captions"]
+    assert any(r.cached and r.age > 0 for _, m in caps for r in m.regions)  # written into the bag as the node does
+    # the same captions either way, cached or computed (temperature 0 and region isolation)
+    assert [[r.caption for r in f.regions] for f in on.frames] == [[r.caption for r in f.regions] for f in off.frames]
+
+
+def test_replayed_bag_carries_foxglove_annotations(tmp_path, tiny_captioner):
+    sample = write_sample_bag(tmp_path / "in", SampleBagSpec(frames=2))
+    result = replay(sample.bag, tmp_path / "out", tiny_captioner, OPTIONS)
+    msgs = read_bag(result.out_bag)
+    for (_, ann), (_, cap) in zip(msgs["/pdlm/annotations"], msgs["/pdlm/captions"], strict=True):
+        assert len(ann.points) == len(ann.texts) == len(cap.regions)
+        for outline, text, r in zip(ann.points, ann.texts, cap.regions):
+            assert (outline.timestamp.sec, outline.timestamp.nanosec) == (cap.header.stamp.sec,
+                                                                           cap.header.stamp.nanosec)
+            assert outline.type == 2 and len(outline.points) == 4  # LINE_LOOP around the box
+            assert outline.points[0].x == pytest.approx(r.bbox.center.position.x - r.bbox.size_x / 2)
+            assert text.text.startswith(f"{r.id}: ") and r.caption in text.text

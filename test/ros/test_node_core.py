@@ -318,3 +318,18 @@ def test_diagnostics_message(make_node):
         assert key in values, key
     assert status.level == 0 and values["frames_out"] == "1" and values["regions_per_frame"] == "2.00"
     bytes(M.typestore().serialize_cdr(diag, M.DIAGNOSTIC_ARRAY))  # a valid message
+
+
+def test_engines_go_under_ros_home_not_the_working_directory(tmp_path, monkeypatch):
+    """`engines` was relative: a node started by systemd (cwd `/`) exported its graphs into `/engines`."""
+    pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxruntime")
+    from pdlm_ros.ros.node_core import engine_root, load_captioner
+
+    cwd, ros_home = tmp_path / "cwd", tmp_path / "ros_home"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("ROS_HOME", str(ros_home))
+    assert engine_root() == ros_home.resolve() / "pdlm_ros" / "engines"
+    load_captioner(NodeParams.from_values({"backend": "onnxruntime", "preset": "tiny", "device": "cpu"}))
+    assert list(cwd.iterdir()) == []
+    assert [p.name for p in engine_root().iterdir()] and all(p.is_dir() for p in engine_root().iterdir())
