@@ -29,9 +29,9 @@ EXAMPLES = """examples:
   pdlm-ros eval --preset tiny --regions 40                 # quick structural check with a random tiny model
   pdlm-ros eval --checkpoint runs/pdlm --mode sequential --json out/seq.json
   pdlm-ros eval --judge openai --judge-url http://127.0.0.1:8000/v1 --judge-model meta-llama/Llama-3.1-8B-Instruct
-  pdlm-ros eval --bench paradlc --annotations ParaDLC-Bench/annotations --images coco/val2017 \
+  pdlm-ros eval --bench paradlc --annotations ParaDLC-Bench/annotations --images paradlc_images \\
       --checkpoint ckpt/PerceptionDLM --judge-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen2.5-VL-7B-Instruct
-  pdlm-ros eval --bench dlcbench --annotations DLC-Bench/annotations --images DLC-Bench/images \
+  pdlm-ros eval --bench dlcbench --annotations DLC-Bench/annotations --images DLC-Bench/images \\
       --judge-url http://127.0.0.1:8007/v1 --judge-model llama3.1-8b
 """
 
