@@ -39,6 +39,7 @@ __all__ = [
     "caption_array_msg",
     "image_annotations_msg",
     "scale_regions",
+    "detections_from_yolo",
 ]
 
 # encoding -> (channels, bytes per channel, channel order). 8UC3/8UC4 are taken as BGR/BGRA, the order of the OpenCV
@@ -271,6 +272,33 @@ def caption_array_msg(result: FrameResult, header: Any, ages: Sequence[float] | 
     total = result.stats.latency_ms.get("total", 0.0) if latency_ms is None else latency_ms
     return t[M.CAPTION_ARRAY](header=header, model=result.model_name, nfe=int(result.stats.nfe),
                               tpf=float(result.stats.tpf), latency_ms=float(total), regions=regions)
+
+
+def detections_from_yolo(msg: Any) -> Any:
+    """A yolo_ros `yolo_msgs/DetectionArray` (an rclpy message: it is not in our typestore) -> the equivalent
+    vision_msgs/Detection2DArray, so the rest of the node sees one detection type. Per detection: the tracker's `id`,
+    `class_name` (else the numeric `class_id`) with `score` as the hypothesis, and the box's centre, size and angle.
+    Header, order and ids are kept."""
+    t = _types()
+    stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+    header = header_msg(stamp, str(msg.header.frame_id))
+    dets = []
+    for d in msg.detections:
+        c, size = d.bbox.center, d.bbox.size
+        bbox = t["vision_msgs/msg/BoundingBox2D"](
+            center=t["vision_msgs/msg/Pose2D"](position=t["vision_msgs/msg/Point2D"](x=float(c.position.x),
+                                                                                     y=float(c.position.y)),
+                                               theta=float(c.theta)),
+            size_x=float(size.x), size_y=float(size.y))
+        hyp = t["vision_msgs/msg/ObjectHypothesis"](class_id=str(d.class_name or d.class_id), score=float(d.score))
+        pose = t["geometry_msgs/msg/PoseWithCovariance"](
+            pose=t["geometry_msgs/msg/Pose"](position=t["geometry_msgs/msg/Point"](x=0.0, y=0.0, z=0.0),
+                                             orientation=t["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0)),
+            covariance=np.zeros(36, dtype=np.float64))
+        dets.append(t["vision_msgs/msg/Detection2D"](
+            header=header, results=[t["vision_msgs/msg/ObjectHypothesisWithPose"](hypothesis=hyp, pose=pose)],
+            bbox=bbox, id=str(d.id)))
+    return t[M.DETECTION_ARRAY](header=header, detections=dets)
 
 
 def scale_regions(regions: Sequence[RegionInput], sx: float, sy: float) -> list[RegionInput]:

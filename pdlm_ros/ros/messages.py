@@ -51,6 +51,7 @@ CAPTION = f"{PACKAGE}/msg/RegionCaption"
 DIAGNOSTIC_ARRAY = "diagnostic_msgs/msg/DiagnosticArray"
 MODEL_INFO = f"{PACKAGE}/msg/ModelInfo"
 IMAGE_ANNOTATIONS = "foxglove_msgs/msg/ImageAnnotations"
+YOLO_DETECTION_ARRAY = "yolo_msgs/msg/DetectionArray"  # yolo_ros; only through rclpy (not registered here)
 
 # vision_msgs 4.x (ros-perception/vision_msgs, branch ros2), comments trimmed. Order matters: a type is registered
 # after the types its fields use.

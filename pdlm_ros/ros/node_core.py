@@ -76,8 +76,9 @@ OUTPUT_TOPICS = (
 def input_topics(p: NodeParams) -> list[TopicSpec]:
     image = (TopicSpec("image/compressed", M.COMPRESSED_IMAGE, "on_compressed") if p.input_compressed
              else TopicSpec("image", M.IMAGE, "on_image"))
-    regions = (TopicSpec("detections", M.DETECTION_ARRAY, "on_detections") if p.regions_source == "detections"
-               else TopicSpec("instance_mask", M.IMAGE, "on_instance_mask"))
+    regions = {"detections": TopicSpec("detections", M.DETECTION_ARRAY, "on_detections"),
+               "yolo": TopicSpec("detections", M.YOLO_DETECTION_ARRAY, "on_detections"),
+               "instance_mask": TopicSpec("instance_mask", M.IMAGE, "on_instance_mask")}[p.regions_source]
     return [image, regions]
 
 

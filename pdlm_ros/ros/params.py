@@ -58,7 +58,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("decoding.temperature", 0.0, float, "sampling temperature; 0 is deterministic", (0.0, 10.0)),
     # inputs
     ParamSpec("regions.source", "detections", str, "where regions come from: a vision_msgs/Detection2DArray "
-              "topic (detections) or an instance-mask image (instance_mask)", choices=("detections", "instance_mask")),
+              "topic (detections), yolo_ros' yolo_msgs/DetectionArray on the same topic (yolo; rclpy transport "
+              "with yolo_msgs installed) or an instance-mask image (instance_mask)",
+              choices=("detections", "yolo", "instance_mask")),
     ParamSpec("regions.box_width", 0, int, "width in pixels of the image the detection boxes refer to (a detector "
               "that runs on a resized copy, e.g. 640 for a 640x640 network input); 0: the camera image itself",
               (0, 100000)),

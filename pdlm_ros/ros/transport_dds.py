@@ -164,6 +164,9 @@ class DdsTransport(Transport):
     def run(self, ros_args: Sequence[str], stop: threading.Event, *, log_level: str = "INFO") -> int:
         args = parse_ros_args(ros_args)
         params = node_params(args)
+        if params.regions_source == "yolo":
+            raise ConfigError("regions.source 'yolo' needs the rclpy transport: yolo_msgs types come from the "
+                              "yolo_msgs package of a ROS 2 install (source it and use --transport rclpy)")
         if not params.autostart:
             log.warning("autostart is false, but plain DDS has no lifecycle services to start the node later: "
                         "starting now")

@@ -241,23 +241,24 @@ class PdlmLifecycleNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         assert self.core is not None  # the lifecycle state machine only activates a configured node
         super().on_activate(state)  # lifecycle publishers first: the worker may publish right away
+        p = self.core.params
         try:
             self.core.activate()
             self.core.publish_model_info()  # latched; now that the publisher is active it goes out
+            live = set()
+            for spec in input_topics(p):
+                key = (spec.name, spec.msgtype, p.input_qos == "reliable", p.input_depth)
+                if key not in self._subs:
+                    self._subs[key] = self._subscribe(key, spec.handler)
+                live.add(key)
         except Exception as err:  # noqa: BLE001 - see on_configure
             kind = "" if isinstance(err, PDLMError) else f"{type(err).__name__}: "
             self.get_logger().error(f"activate failed: {kind}{err}")
+            if self.core.state == "active":
+                self.core.deactivate()
             super().on_deactivate(state)
             return TransitionCallbackReturn.FAILURE
-        p = self.core.params
-        self._live_inputs = set()
-        for spec in input_topics(p):
-            key = (spec.name, spec.msgtype, p.input_qos == "reliable", p.input_depth)
-            if key not in self._subs:
-                self._subs[key] = self.create_subscription(
-                    _ros_type(spec.msgtype), spec.name, self._raw_callback(key, spec.handler),
-                    qos_profile(key[2], key[3]), callback_group=self._inputs_group, raw=True)
-            self._live_inputs.add(key)
+        self._live_inputs = live
         self.get_logger().info("active: " + ", ".join(self._subs[k].topic_name for k in sorted(self._live_inputs)))
         return TransitionCallbackReturn.SUCCESS
 
@@ -294,6 +295,27 @@ class PdlmLifecycleNode(LifecycleNode):
             self.destroy_lifecycle_publisher(self.outputs.publishers.pop(name))
 
     # -- inputs ---------------------------------------------------------------------------------------------------
+    def _subscribe(self, key: tuple[str, str, bool, int], handler: str) -> Any:
+        name, msgtype, reliable, depth = key
+        qos = qos_profile(reliable, depth)
+        if msgtype == M.YOLO_DETECTION_ARRAY:  # not in the typestore: rclpy decodes it, convert makes vision_msgs
+            from pdlm_ros.ros.convert import detections_from_yolo
+
+            try:
+                yolo_type = _ros_type(msgtype)
+            except ImportError as err:
+                raise PDLMError("regions.source 'yolo' needs the yolo_msgs package (install yolo_ros, or build "
+                                "its yolo_msgs, and source it)") from err
+
+            def callback(msg: Any) -> None:
+                core = self.core
+                if core is not None and key in self._live_inputs:
+                    getattr(core, handler)(detections_from_yolo(msg))
+
+            return self.create_subscription(yolo_type, name, callback, qos, callback_group=self._inputs_group)
+        return self.create_subscription(_ros_type(msgtype), name, self._raw_callback(key, handler), qos,
+                                        callback_group=self._inputs_group, raw=True)
+
     def _raw_callback(self, key: tuple[str, str, bool, int], handler: str) -> Any:
         store, msgtype = M.typestore(), key[1]
 

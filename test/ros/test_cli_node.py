@@ -94,3 +94,10 @@ def test_generated_msg_module_is_found_beside_a_source_checkout(tmp_path):
     assert out.returncode == 0, out.stderr
     module, package_file = out.stdout.split()
     assert module == "pdlm_ros.msg" and str(tmp_path) not in package_file  # the source package, msg from install
+
+
+def test_yolo_source_is_refused_on_plain_dds(capsys):
+    pytest.importorskip("cyclonedds", reason="the ROS-less DDS transport needs the cyclonedds package")
+    rc = main(["node", "--transport", "dds", "--ros-args", "-p", "regions.source:=yolo", "-p", "preset:=tiny"])
+    assert rc == 1
+    assert "error: regions.source 'yolo' needs the rclpy transport" in capsys.readouterr().err

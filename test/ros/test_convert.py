@@ -171,3 +171,24 @@ def test_instance_mask_regions():
     assert r.region_id == "3" and r.mask.sum() == 6
     with pytest.raises(ImageInputError, match="unsupported image encoding 'rgb8'"):
         regions_from_instance_mask(raw_image(RGB, "rgb8"))
+
+
+def test_yolo_detection_array_becomes_detection2darray():
+    """yolo_ros' DetectionArray, by the attribute paths of its published definition (yolo_msgs 4.x): header,
+    detections[].{class_id, class_name, score, id, bbox.center.position.x/y, bbox.center.theta, bbox.size.x/y}."""
+    from types import SimpleNamespace as NS
+
+    from pdlm_ros.ros.convert import detections_from_yolo, regions_from_detections
+
+    def det(i, cls, name, x, y, w, h):
+        return NS(class_id=cls, class_name=name, score=0.8, id=i,
+                  bbox=NS(center=NS(position=NS(x=x, y=y), theta=0.0), size=NS(x=w, y=h)))
+
+    msg = NS(header=NS(stamp=NS(sec=12, nanosec=500), frame_id="cam"),
+             detections=[det("7", 2, "car", 30.0, 20.0, 20.0, 10.0), det("", 0, "", 5.0, 5.0, 4.0, 4.0)])
+    out = detections_from_yolo(msg)
+    assert out.__msgtype__ == M.DETECTION_ARRAY and out.header.stamp.sec == 12 and out.header.stamp.nanosec == 500
+    assert out.header.frame_id == "cam"
+    regions = regions_from_detections(out, 100, 100)
+    assert [r.region_id for r in regions] == ["7", ""] and [r.class_id for r in regions] == ["car", "0"]
+    assert regions[0].box == (20.0, 15.0, 40.0, 25.0) and regions[0].score == pytest.approx(0.8)

@@ -156,3 +156,52 @@ def test_launch_with_remaps_and_params_file_proof_of_life(ros2_env, tmp_path):
     assert code == 0, out[-3000:]
     assert "Traceback" not in out and "[DEBUG]" in out, out[-3000:]  # log_level in any case reached rcl
     assert "process has finished cleanly" in out, out[-3000:]
+
+
+def test_ros2_bag_play_of_a_replayed_bag(ros2_env, tmp_path, tiny_captioner):
+    """A bag written by `pdlm-ros replay` (rosbags, no ROS) plays with `ros2 bag play`: captions and foxglove
+    annotations reach a live subscriber with the stamps they were recorded with."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    from pdlm_ros.data.bags import DETECTIONS_TOPIC, IMAGE_TOPIC, SampleBagSpec, write_sample_bag
+    from pdlm_ros.eval.replay import ReplayOptions, replay
+    from pdlm_ros.ros import messages as M
+    from pdlm_ros.ros.transport_rclpy import _ros_type
+
+    from . import rclpy_harness as RH
+
+    sample = write_sample_bag(tmp_path / "in", SampleBagSpec(frames=3))
+    result = replay(sample.bag, tmp_path / "out", tiny_captioner,
+                    ReplayOptions(image_topic=IMAGE_TOPIC, detections_topic=DETECTIONS_TOPIC))
+    recorded = {(f.stamp_ns // 10**9, f.stamp_ns % 10**9) for f in result.frames}
+    info = _ros2("bag", "info", str(result.out_bag))
+    assert info.returncode == 0, info.stderr
+    assert "/pdlm/captions" in info.stdout and "pdlm_ros/msg/RegionCaptionArray" in info.stdout
+    assert "foxglove_msgs/msg/ImageAnnotations" in info.stdout
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    peer = rclpy.create_node("bag_listener", context=ctx)
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(peer)
+    caps, anns = [], []
+    peer.create_subscription(_ros_type(M.CAPTION_ARRAY), "/pdlm/captions", caps.append, RH.RELIABLE)
+    peer.create_subscription(_ros_type(M.IMAGE_ANNOTATIONS), "/pdlm/annotations", anns.append, RH.RELIABLE)
+    play = subprocess.Popen(["ros2", "bag", "play", "--loop", str(result.out_bag)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        def heard():
+            executor.spin_once(timeout_sec=0.2)
+            return len(caps) >= 3 and anns
+
+        RH.wait_for(heard, 60, "captions and annotations from ros2 bag play")
+    finally:
+        os.killpg(play.pid, signal.SIGINT)
+        out = play.communicate(timeout=30)[0]
+        executor.shutdown()
+        peer.destroy_node()
+        rclpy.shutdown(context=ctx)
+    assert {(m.header.stamp.sec, m.header.stamp.nanosec) for m in caps} <= recorded
+    assert all(m.regions and all(r.caption for r in m.regions) for m in caps)
+    assert "Ignoring a topic" not in out, out  # every type, ours and foxglove's, was found
