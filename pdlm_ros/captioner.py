@@ -10,7 +10,13 @@ Decoding modes (all share one model and one sampler):
 
 Official-layout checkpoints (the released PerceptionDLM) decode by their own rules (`pdlm_ros.model.official`):
 - `official`: exactly as the official code does, parity-tested: masks sorted by area, up to prompt_numbers per pass,
-  a full forward of the whole sequence at every step, global re-masking.
+  a full forward of the whole sequence at every step, global re-masking;
+- `isolated`: this package's structured rule on those weights: the prefix's K/V computed once per pass (exact under
+  that rule), then only the region tokens at every step; regions still meet through the mask-id embeddings;
+- `cached`: the official rule with the K/V of everything but the caption blocks reused and refreshed every
+  `refresh` steps (default 4; 1 = official).
+Each takes `sampler`: `global` (the official re-masking, default), `span` (LLaDA's per-span schedule) or
+`threshold` (commit every position above `threshold`, at least one per span).
 `auto` (the default) picks `parallel` for native checkpoints and `official` for official ones.
 
 Region rules: a refused region (empty mask, NaN box, box outside the image, ...) gets an error in its result and the
@@ -39,11 +45,11 @@ from pdlm_ros.model.config import preset as get_preset
 from pdlm_ros.model.image import to_rgb_uint8
 from pdlm_ros.model.pdlm import PerceptionDLM
 from pdlm_ros.model.regions import PreparedRegion, prepare_regions
-from pdlm_ros.model.official import prepare_pass
-from pdlm_ros.model.sampler import diffusion_decode, global_remask_decode
-from pdlm_ros.model.tokenizer import build_tiny_tokenizer
-from pdlm_ros.types import (CACHED_MODES, MODES, NATIVE_MODES, OFFICIAL_MODES, FrameResult, FrameStats, RegionCaption,
-                            RegionInput)
+from pdlm_ros.model.official import attach_special_tokens, box_mask, decode_pass, make_forward, prepare_pass
+from pdlm_ros.model.sampler import diffusion_decode
+from pdlm_ros.model.tokenizer import build_tiny_official_tokenizer, build_tiny_tokenizer
+from pdlm_ros.types import (CACHED_MODES, MODES, NATIVE_MODES, OFFICIAL_MODES, OFFICIAL_SAMPLERS, FrameResult,
+                            FrameStats, RegionCaption, RegionInput)
 
 __all__ = ["Captioner", "DEFAULT_CHECKPOINT", "MODES"]
 
@@ -97,11 +103,14 @@ class Captioner:
             attn_impl = "triton" if str(device).startswith("cuda") and _triton_ready() else "shared_prefix"
         if preset is not None:
             cfg = get_preset(preset)
-            tokenizer = build_tiny_tokenizer() if cfg.decoder.vocab_size == build_tiny_tokenizer().get_vocab_size() else None
+            build = build_tiny_official_tokenizer if cfg.official is not None else build_tiny_tokenizer
+            tokenizer = build() if cfg.decoder.vocab_size == build().get_vocab_size() else None
             prompt_ids = (tokenizer.encode(cfg.prompt, add_special_tokens=False).ids if tokenizer is not None
                           else [i % cfg.decoder.vocab_size for i in range(100, 132)])  # random 8b: no tokenizer
             torch.manual_seed(seed)
             model = PerceptionDLM(cfg, prompt_ids).to(device=device, dtype=dtype)
+            if cfg.official is not None and tokenizer is not None:
+                attach_special_tokens(model, tokenizer, f"preset {preset}")
             return cls(model, tokenizer, name=f"{cfg.name} (random init, seed {seed})", attn_impl=attn_impl)
         path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
         if checkpoint is None and not (path / "model.safetensors").is_file():
@@ -113,8 +122,15 @@ class Captioner:
     # -------------------------------------------------------------------------------------------------------------
     def caption(self, image: object, regions: Sequence[RegionInput], *, mode: str = "auto",
                 steps: int | None = None, threshold: float | None = None, temperature: float | None = None,
-                seed: int | None = None) -> FrameResult:
+                seed: int | None = None, sampler: str | None = None, refresh: int | None = None) -> FrameResult:
         mode = self.resolve_mode(mode)
+        if self.layout != "official" and (sampler is not None or refresh is not None):
+            raise ConfigError("sampler and refresh apply to official-layout checkpoints only")
+        sampler = "global" if sampler is None else sampler
+        if sampler not in OFFICIAL_SAMPLERS:
+            raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(OFFICIAL_SAMPLERS)}")
+        if refresh is not None and (mode != "cached" or refresh < 1):
+            raise ConfigError(f"refresh (got {refresh}) is an integer >= 1 for mode cached only")
         dec = self.config.decoding
         steps = dec.steps if steps is None else steps
         max_steps = dec.caption_len * (self.config.official.prompt_numbers if self.config.official else 1)
@@ -123,7 +139,7 @@ class Captioner:
         temperature = dec.temperature if temperature is None else temperature
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ConfigError(f"temperature must be a finite number >= 0 (got {temperature})")
-        if mode == "threshold":
+        if mode == "threshold" or sampler == "threshold":
             threshold = dec.threshold if threshold is None else threshold
             if not (math.isfinite(threshold) and 0 < threshold <= 1):
                 raise ConfigError(f"threshold must be in (0, 1] (got {threshold})")
@@ -141,7 +157,8 @@ class Captioner:
         decoded: dict[int, tuple[str, float]] = {}
         nfe = tokens = 0
         if prepared and self.layout == "official":
-            nfe, tokens = self._decode_official(rgb, prepared, steps, temperature, generator, decoded, timings)
+            nfe, tokens = self._decode_official(rgb, prepared, mode, sampler, refresh or 4, steps, threshold,
+                                                temperature, generator, decoded, timings)
         elif prepared:
             with torch.inference_mode():
                 mark = self._clock()
@@ -171,10 +188,11 @@ class Captioner:
                            FrameStats(nfe=nfe, tokens=tokens, tpf=tokens / nfe if nfe else 0.0, latency_ms=timings),
                            self.name)
 
-    def _decode_official(self, rgb: np.ndarray, prepared: list[PreparedRegion], steps: int, temperature: float,
+    def _decode_official(self, rgb: np.ndarray, prepared: list[PreparedRegion], mode: str, sampler: str,
+                         refresh: int, steps: int, threshold: float | None, temperature: float,
                          generator: torch.Generator | None, decoded: dict[int, tuple[str, float]],
                          timings: dict[str, float]) -> tuple[int, int]:
-        """The official rules, pass by pass of at most prompt_numbers masks (request order)."""
+        """The official layout, pass by pass of at most prompt_numbers masks (request order)."""
         model, cfg = self.model, self.config
         per_pass, length = cfg.official.prompt_numbers, cfg.decoding.caption_len
         h, w = rgb.shape[:2]
@@ -185,19 +203,22 @@ class Captioner:
             for start in range(0, len(prepared), per_pass):
                 part = prepared[start:start + per_pass]
                 mark = self._clock()
-                masks = [r.mask if r.mask is not None else _box_mask(r.box, w, h) for r in part]
+                masks = [r.mask if r.mask is not None else box_mask(r.box, w, h) for r in part]
                 ps = prepare_pass(runner, cfg, self.tokenizer, model.special_tokens, rgb, masks, length)
                 dt, mark = self._lap(mark)
                 timings["vision"] += dt
-                result = global_remask_decode(lambda t: ps.logits(runner, t), len(part) * length, cfg.mask_token_id,
-                                              steps=steps, temperature=temperature, generator=generator,
-                                              device=self.device)
+                try:
+                    forward = make_forward(mode, runner, ps, refresh)
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+                result = decode_pass(forward, len(part), length, cfg.mask_token_id, sampler=sampler, steps=steps,
+                                     temperature=temperature, threshold=threshold or cfg.decoding.threshold,
+                                     generator=generator, device=self.device)
                 timings["decode"] += self._lap(mark)[0]
                 nfe += result.nfe
                 tokens += result.tokens_committed
                 for slot, k in enumerate(ps.order):  # prompt slot -> the mask's place in this pass
-                    span = slice(slot * length, (slot + 1) * length)
-                    decoded[part[k].index] = self._text(result.tokens[0, span], result.confidence[0, span],
+                    decoded[part[k].index] = self._text(result.tokens[slot], result.confidence[slot],
                                                         model.special_tokens.stop)
         return nfe, tokens
 
@@ -248,14 +269,6 @@ class Captioner:
     def _lap(self, mark: float) -> tuple[float, float]:
         now = self._clock()
         return (now - mark) * 1000.0, now
-
-
-def _box_mask(box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
-    """A box region as the mask the official layout needs: every pixel the box touches."""
-    x1, y1, x2, y2 = box
-    mask = np.zeros((height, width), dtype=bool)
-    mask[int(math.floor(y1)):int(math.ceil(y2)), int(math.floor(x1)):int(math.ceil(x2))] = True
-    return mask
 
 
 def _box_like(box: object) -> bool:

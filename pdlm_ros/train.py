@@ -7,6 +7,12 @@ token, so one prefix pass serves all regions exactly, with gradients flowing thr
 p = (1 - eps) t + eps, and add CE(masked tokens) / p, averaged over the span length (answers are padded with EOS
 to the fixed span, as in LLaDA's SFT). Only response tokens are ever masked or scored.
 
+Official layout (`--layout official`, or `--init` with an official checkpoint): the same loss under the released
+PerceptionDLM's rules (`official.masked_diffusion_loss`): masks sorted by area, at most prompt_numbers per pass,
+one full forward per pass (no prefix pass to share, so one noise draw), captions padded with <|eot_id|>.
+`--rule isolated` trains under this package's structured rule instead, e.g. to fine-tune released weights
+towards an exact prefix cache.
+
 Checkpoints are safetensors: `model.safetensors` + `config.json` + `tokenizer.json` (a loadable PerceptionDLM
 directory) plus `optimizer.safetensors` and `trainer_state.json` for exact resume (same data order, same schedule).
 """
@@ -28,10 +34,11 @@ from tqdm import tqdm
 
 from pdlm_ros.errors import CheckpointError, ConfigError, DatasetError
 from pdlm_ros.model.checkpoint import check_keys, load_pretrained, read_safetensors, save_pretrained
+from pdlm_ros.model import official
 from pdlm_ros.model.config import preset as get_preset
 from pdlm_ros.model.pdlm import PerceptionDLM
 from pdlm_ros.model.regions import PreparedRegion
-from pdlm_ros.model.tokenizer import build_tiny_tokenizer
+from pdlm_ros.model.tokenizer import build_tiny_official_tokenizer, build_tiny_tokenizer
 
 __all__ = ["TrainConfig", "train", "masked_diffusion_loss", "scene_regions"]
 
@@ -58,6 +65,9 @@ class TrainConfig:
     eval_scenes: int = 24
     max_minutes: float = 0.0  # 0 = no time cap
     threads: int = 0  # 0 = torch default
+    layout: str = "native"  # native, or official (the preset's official-layout twin, e.g. tiny-official)
+    init: str = ""  # start from this checkpoint (native or official) instead of a random preset
+    rule: str = ""  # official layout only: the attention rule of the loss, official (default) or isolated
 
     def validate(self, as_flags: bool = False) -> None:
         """Raise ConfigError naming the first value out of range (as `--flag` when `as_flags`, for the CLI)."""
@@ -83,6 +93,9 @@ class TrainConfig:
             ("max_minutes", self.max_minutes >= 0 and not math.isnan(self.max_minutes),
              "a number >= 0 (0 = no time cap)"),
             ("threads", self.threads >= 0, "an integer >= 0 (0 = torch default)"),
+            ("layout", self.layout in ("native", "official"), "native or official"),
+            ("rule", self.rule in ("", "official", "isolated"), "official or isolated (official layout only)"),
+            ("init", not self.init or Path(self.init).is_dir(), "an existing checkpoint directory"),
         ]
         for f, ok, requirement in checks:
             if not ok:
@@ -102,7 +115,7 @@ _STATE_TYPES = {"step": (int,), "seconds": (int, float), "curve": (list,), "eval
 _OPT_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})  # AdamW's per-parameter state
 # fields whose change makes a resumed run differ from an uninterrupted one (data order, schedule, loss)
 _EXACT_FIELDS = ("preset", "steps", "scenes_per_step", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip",
-                 "noise_draws", "box_fraction", "seed")
+                 "noise_draws", "box_fraction", "seed", "layout", "init", "rule")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -148,6 +161,43 @@ def masked_diffusion_loss(model: PerceptionDLM, rgb: np.ndarray, regions: list[P
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (K*N, L)
     per_span = (ce * masked / p_mask).sum(1) / x0.shape[1]
     return per_span.mean()
+
+
+def official_scene_loss(model: PerceptionDLM, tokenizer, rgb: np.ndarray, regions: list[PreparedRegion],  # noqa: ANN001
+                        targets: torch.Tensor, generator: torch.Generator, rule: str = "official") -> torch.Tensor:
+    """The official layout's loss over a scene: passes of at most prompt_numbers regions, averaged over regions."""
+    h, w = rgb.shape[:2]
+    per_pass = model.cfg.official.prompt_numbers
+    runner = model.official_runner()
+    total = torch.zeros(())
+    for start in range(0, len(regions), per_pass):
+        part = regions[start:start + per_pass]
+        masks = [r.mask if r.mask is not None else official.box_mask(r.box, w, h) for r in part]
+        loss = official.masked_diffusion_loss(runner, model.cfg, tokenizer, model.special_tokens, rgb, masks,
+                                              targets[start:start + per_pass], generator, rule=rule)
+        total = total + loss * len(part)
+    return total / len(regions)
+
+
+def build_model(cfg: TrainConfig):  # noqa: ANN201
+    """(model, tokenizer) to train: the checkpoint of --init, or the preset (its official twin for layout official)."""
+    if cfg.init:
+        model, tokenizer = load_pretrained(cfg.init, dtype=torch.float32)
+        if cfg.layout == "official" and model.cfg.official is None:
+            raise ConfigError(f"--layout official, but {cfg.init} is a native-layout checkpoint")
+        if cfg.rule and model.cfg.official is None:
+            raise ConfigError("--rule applies to the official layout only")
+        return model, tokenizer
+    if cfg.rule and cfg.layout != "official":
+        raise ConfigError("--rule applies to the official layout only (add --layout official)")
+    name = cfg.preset if cfg.layout == "native" else f"{cfg.preset}-official"
+    model_cfg = get_preset(name)
+    tokenizer = build_tiny_official_tokenizer() if model_cfg.official is not None else build_tiny_tokenizer()
+    torch.manual_seed(cfg.seed)
+    model = PerceptionDLM(model_cfg, tokenizer.encode(model_cfg.prompt, add_special_tokens=False).ids)
+    if model_cfg.official is not None:
+        official.attach_special_tokens(model, tokenizer, f"preset {name}")
+    return model, tokenizer
 
 
 def _save(model: PerceptionDLM, tokenizer, opt: torch.optim.Optimizer, state: TrainState, cfg: TrainConfig,  # noqa: ANN001
@@ -311,10 +361,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
-    tokenizer = build_tiny_tokenizer()
-    model_cfg = get_preset(cfg.preset)
-    torch.manual_seed(cfg.seed)
-    model = PerceptionDLM(model_cfg, tokenizer.encode(model_cfg.prompt, add_special_tokens=False).ids)
+    model, tokenizer = build_model(cfg)
+    model_cfg = model.cfg
     state = TrainState()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     if resume:
@@ -325,6 +373,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     out.mkdir(parents=True, exist_ok=True)
     model.train()
     span, eos = model_cfg.decoding.caption_len, model_cfg.eos_token_id
+    if model_cfg.official is not None:
+        eos = model.special_tokens.stop[0]  # the official captions are padded with <|eot_id|>
     all_seeds = scene_seeds("train", cfg.steps * cfg.scenes_per_step)
     eval_seeds = scene_seeds("heldout", cfg.eval_scenes, offset=999_000_000)  # apart from `pdlm-ros eval` seeds
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress, dynamic_ncols=True)
@@ -343,7 +393,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             regions = scene_regions(scene, rng, cfg.box_fraction)
             targets = caption_targets([o.caption for o in scene.objects], tokenizer, span, eos)
             gen = torch.Generator().manual_seed(seed)
-            loss = masked_diffusion_loss(model, scene.image, regions, targets, cfg.noise_draws, gen)
+            if model_cfg.official is not None:
+                loss = official_scene_loss(model, tokenizer, scene.image, regions, targets, gen, cfg.rule or "official")
+            else:
+                loss = masked_diffusion_loss(model, scene.image, regions, targets, cfg.noise_draws, gen)
             (loss / cfg.scenes_per_step).backward()
             total += loss.item() / cfg.scenes_per_step
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

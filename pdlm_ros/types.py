@@ -12,12 +12,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["MODES", "NATIVE_MODES", "OFFICIAL_MODES", "CACHED_MODES", "RegionInput", "RegionCaption", "FrameStats", "FrameResult", "CaptionerLike"]
+__all__ = ["MODES", "NATIVE_MODES", "OFFICIAL_MODES", "OFFICIAL_SAMPLERS", "CACHED_MODES", "RegionInput", "RegionCaption", "FrameStats", "FrameResult", "CaptionerLike"]
 
 # Decoding modes (pdlm_ros.captioner documents each); here so that torch-free modules (node params, CLI) share them.
 # `auto` is the checkpoint layout's default: parallel for native models, official for the released PerceptionDLM.
 NATIVE_MODES = ("parallel", "threshold", "sequential", "sequential_nocache", "parallel_nocache", "nomask")
-OFFICIAL_MODES = ("official",)
+OFFICIAL_MODES = ("official", "isolated", "cached")
+OFFICIAL_SAMPLERS = ("global", "span", "threshold")  # how official-layout modes commit tokens
 MODES = ("auto",) + NATIVE_MODES + OFFICIAL_MODES
 CACHED_MODES = ("parallel", "threshold", "sequential")  # the modes that decode against the prefix K/V cache
 

@@ -318,4 +318,8 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
         after = tokenizer.encode(cfg.prompt, add_special_tokens=False).ids
     model.set_prompt(after, before)
     load_streaming(model, shard_files(directory), lambda k: k, f"checkpoint {directory}", dtype=dtype, device=device)
+    if cfg.official is not None:  # an official-layout model trained or saved by this package
+        from pdlm_ros.model.official import attach_special_tokens
+
+        attach_special_tokens(model, tokenizer, str(directory))
     return model.eval(), tokenizer

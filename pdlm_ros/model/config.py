@@ -293,7 +293,57 @@ def _8b() -> PDLMConfig:
     return PDLMConfig(name="pdlm-8b")  # the defaults are the real shape
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "8b": _8b}
+def _official_preset(name: str, vision: VisionConfig, decoder: DecoderConfig, official: OfficialConfig,
+                     caption_len: int = 32) -> PDLMConfig:
+    from pdlm_ros.model.tokenizer import TINY_OFFICIAL_SPECIAL_TOKENS, tiny_official_vocab_size
+
+    if decoder.vocab_size == 0:
+        decoder = dataclasses.replace(decoder, vocab_size=tiny_official_vocab_size())
+    return PDLMConfig(name=name, vision=vision, decoder=decoder,
+                      decoding=DecodingConfig(caption_len=caption_len, steps=caption_len),
+                      layout="official", official=official,
+                      mask_token_id=TINY_OFFICIAL_SPECIAL_TOKENS.index("<|mdm_mask|>"),
+                      eos_token_id=TINY_OFFICIAL_SPECIAL_TOKENS.index("<|eot_id|>"))
+
+
+def _tiny_official() -> PDLMConfig:
+    # The tiny decoder under the official rules, with coarse 8 px patches (16 tokens per view, up to 2 tiles and a
+    # thumbnail) and 12-token caption spans (scene captions have 6 tokens with EOS): every step recomputes the whole
+    # sequence, so it must stay short to train on a CPU.
+    return _official_preset(
+        "pdlm-tiny-official",
+        VisionConfig(image_size=64, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, feature_layer=-2, max_tiles=2),
+        DecoderConfig(d_model=160, n_layers=4, n_heads=4, mlp_hidden_size=432, vocab_size=0, rope_theta=10000.0,
+                      max_sequence_length=2048),
+        OfficialConfig(max_tiles=2, system_prompt="", question="describe the region ."), caption_len=12)
+
+
+def _small_official() -> PDLMConfig:
+    # The released model's geometry (512 px tiles, patch 16, 256 tokens per view, up to 6 tiles and a thumbnail,
+    # 16 RoI and 32 caption tokens per mask) with narrow layers, for the CPU benchmark of the official modes.
+    return _official_preset(
+        "pdlm-small-official",
+        VisionConfig(image_size=512, patch_size=16, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, feature_layer=-2, max_tiles=6),
+        DecoderConfig(d_model=384, n_layers=4, n_heads=6, mlp_hidden_size=1152, vocab_size=0, rope_theta=500000.0,
+                      max_sequence_length=4096),
+        OfficialConfig(system_prompt="", question="describe the region ."))
+
+
+def _8b_official() -> PDLMConfig:
+    # The released PerceptionDLM's shapes (random weights; its tokenizer is not bundled): SigLIP-2 so400m/16 at
+    # 512 px, LLaDA-8B with its vocabulary plus the added tokens.
+    return PDLMConfig(
+        name="pdlm-8b-official",
+        vision=VisionConfig(image_size=512, patch_size=16, max_tiles=6),
+        decoder=DecoderConfig(vocab_size=126490, max_sequence_length=8192),
+        decoding=DecodingConfig(caption_len=32, steps=32), layout="official", official=OfficialConfig(),
+        mask_token_id=126336, eos_token_id=126348)
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "8b": _8b, "tiny-official": _tiny_official,
+           "small-official": _small_official, "8b-official": _8b_official}
 
 
 def preset(name: str) -> PDLMConfig:

@@ -6,7 +6,10 @@ up_proj,ff_out,attn_norm,ff_norm}`, `ln_f`, untied `ff_out` head) so loading is 
 Three ways to run it, one set of weights:
 - `forward_prefix`: the prefix alone (it never sees region tokens), returning per-layer K/V for the cache;
 - `forward_regions`: N region blocks against a cached prefix (the fast path, exact by construction);
-- `forward_dense`: one packed sequence with an explicit (T, T) mask (the reference, and the no-cache/no-mask modes).
+- `forward_dense`: one packed sequence with an explicit (T, T) mask (the reference, and the no-cache/no-mask modes;
+  the official layout's full forward, which can also return every layer's K/V);
+- `forward_partial`: Q positions of a sequence recomputed against cached K/V of all T positions (the official
+  layout's isolated and cached modes).
 Dims: N regions, S tokens per region block, P prefix tokens, T packed tokens, H heads, D head dim, C = d_model.
 """
 
@@ -152,11 +155,31 @@ class LLaDADecoder(nn.Module):
             h = block.finish(h, region_attention(q, k, v, pk, pv, impl=attn_impl))
         return h
 
-    def forward_dense(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (T, C) packed sequence, positions (T,), mask (T, T) bool -> hidden (T, C)."""
+    def forward_dense(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                      return_kv: bool = False):  # noqa: ANN201
+        """x (T, C) packed sequence, positions (T,), mask (T, T) bool -> hidden (T, C) [, keys, values: per layer
+        (H, T, D)]."""
         cos, sin = self.rope.cos_sin(positions)
         h = x.unsqueeze(0)
+        keys, values = [], []
         for block in self.blocks:
             q, k, v = block.qkv(h, cos, sin)  # (1, H, T, D)
+            if return_kv:
+                keys.append(k[0])
+                values.append(v[0])
             h = block.finish(h, dense_attention(q[0], k[0], v[0], mask).unsqueeze(0))
+        return (h[0], keys, values) if return_kv else h[0]
+
+    def forward_partial(self, x: torch.Tensor, positions: torch.Tensor, index: torch.Tensor,
+                        keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """Recompute Q tokens of a T-token sequence: x (Q, C) at `positions` (Q,), sitting at `index` (Q,) of the
+        sequence; keys/values per layer (H, T, D) hold the other tokens' cached K/V (whatever sits at `index` is
+        replaced by the fresh K/V, per layer); mask (Q, T) bool. -> hidden (Q, C)."""
+        cos, sin = self.rope.cos_sin(positions)
+        h = x.unsqueeze(0)
+        for block, kc, vc in zip(self.blocks, keys, values):
+            q, k, v = block.qkv(h, cos, sin)  # (1, H, Q, D)
+            k_all = kc.index_copy(1, index, k[0].to(kc.dtype))  # (H, T, D)
+            v_all = vc.index_copy(1, index, v[0].to(vc.dtype))
+            h = block.finish(h, dense_attention(q[0], k_all, v_all, mask).unsqueeze(0))
         return h[0]

@@ -39,6 +39,15 @@ L caption tokens per mask, M = N * L caption positions.
   each other.
 - Sampler: `sampler.global_remask_decode`.
 
+Faster modes for these weights (approximations of the official semantics, measured in the README):
+- `isolated`: this package's structured rule on the official sequence (`isolated_rule`): the prefix (everything but
+  the RoI spans and caption blocks) sees only itself, so its K/V are computed once per pass, exactly; each step
+  recomputes only the region tokens. Regions still meet through the mask-id embeddings in the visual tokens.
+- `cached`: the official rule, with every token but the caption blocks taken from the K/V of a full forward that is
+  refreshed every `refresh` steps (Fast-dLLM's approximate cache); refresh 1 is the official mode exactly.
+Any mode decodes with the official global re-masking (`global`), LLaDA's per-span schedule (`span`, committed tokens
+never re-masked) or confidence-threshold commits (`threshold`).
+
 Where this package needs a rule the official code does not state, it says so: a box-only region becomes its box
 as a mask; more masks than prompt_numbers go in further passes of at most prompt_numbers (request order), each
 sorted by area as above; a caption ends at its first `<|eot_id|>` or `<|endoftext|>` (the official ParaDLC script
@@ -62,7 +71,9 @@ from pdlm_ros.model.vision import pixel_unshuffle
 
 __all__ = ["tile_grid", "make_official_views", "area_order", "mask_patches", "mask_boxes", "prompt_text",
            "SpecialTokens", "roi_align", "merge_tiles", "roi_boxes", "attention_rule", "OfficialSequence",
-           "build_sequence", "TorchRunner", "OfficialPass", "prepare_pass"]
+           "build_sequence", "TorchRunner", "OfficialPass", "prepare_pass", "isolated_rule", "box_mask",
+           "attach_special_tokens", "masked_diffusion_loss", "OFFICIAL_SAMPLERS", "FullForward", "IsolatedForward",
+           "CachedForward", "make_forward", "decode_pass"]
 
 # The generation path scales boxes with `feat * 16 * 2` (modeling_pdmllm.py, _prepare_inputs_for_generation).
 ROI_SCALE = 32
@@ -262,6 +273,15 @@ class OfficialSequence:
     roi_spans: list[tuple[int, int]]  # per mask (start, end) in the expanded sequence
     caption_spans: list[tuple[int, int]]  # per mask: (start, end) of its L mask positions
     allowed: torch.Tensor  # (T, T) bool, True = the query (row) may attend the key (column)
+    block_spans: list[tuple[int, int]]  # per mask: its caption block, from <|Mask_Cap_i|> to the next block
+
+    def rule(self, name: str) -> torch.Tensor:
+        """The attention rule by name: `official` (the released model's) or `isolated` (this package's)."""
+        if name == "official":
+            return self.allowed
+        if name == "isolated":
+            return isolated_rule(int(self.ids.numel()), self.roi_spans, self.block_spans).to(self.allowed.device)
+        raise ValueError(f"unknown attention rule {name!r} (official or isolated)")
 
     @property
     def caption_positions(self) -> torch.Tensor:
@@ -286,7 +306,8 @@ def build_sequence(text_ids: Sequence[int], special: SpecialTokens, num_masks: i
     starts = [ids.index(special.caption[i]) for i in range(num_masks)]
     caption_spans = [(s + 1, s + 1 + caption_len) for s in starts]
     ids_t = torch.tensor(ids, dtype=torch.long)
-    return OfficialSequence(ids_t, roi_spans, caption_spans, attention_rule(len(ids), roi_spans, starts))
+    blocks = list(zip(starts, starts[1:] + [len(ids)]))
+    return OfficialSequence(ids_t, roi_spans, caption_spans, attention_rule(len(ids), roi_spans, starts), blocks)
 
 
 def attention_rule(t: int, roi_spans: Sequence[tuple[int, int]], block_starts: Sequence[int]) -> torch.Tensor:
@@ -395,6 +416,177 @@ def prepare_pass(runner, cfg: PDLMConfig, tokenizer: Tokenizer, special: Special
     roi_pos = torch.cat([torch.arange(a, b) for a, b in seq.roi_spans])
     seq.ids, seq.allowed = seq.ids.to(dev), seq.allowed.to(dev)
     return OfficialPass(seq, order, visual, roi, image_pos.to(dev), roi_pos.to(dev), seq.caption_positions.to(dev))
+
+
+def isolated_rule(t: int, roi_spans: Sequence[tuple[int, int]], block_spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """(T, T) bool: this package's structured rule on the official sequence. Region k = its RoI span and its caption
+    block; everything else is the prefix. The prefix sees the prefix; region k sees the prefix and region k. The
+    prefix is then independent of every region token (an exact prefix cache), but the visual tokens still carry
+    every mask's id embedding, so regions of one pass still meet there."""
+    segment = torch.zeros(t, dtype=torch.long)
+    for k, ((r0, r1), (b0, b1)) in enumerate(zip(roi_spans, block_spans), start=1):
+        segment[r0:r1] = k
+        segment[b0:b1] = k
+    q, kv = segment[:, None], segment[None, :]
+    return (kv == 0) | (q == kv)
+
+
+def box_mask(box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
+    """A box region as the mask the official layout needs: every pixel the box touches."""
+    x1, y1, x2, y2 = box
+    mask = np.zeros((height, width), dtype=bool)
+    mask[int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = True
+    return mask
+
+
+def attach_special_tokens(model, tokenizer: Tokenizer, where: str) -> None:  # noqa: ANN001
+    """Check the tokenizer against an official-layout model once, and keep the ids on the model."""
+    model.special_tokens = SpecialTokens.from_tokenizer(tokenizer, model.cfg, where)
+
+
+EPS = 1e-3  # LLaDA's minimum masking probability
+
+
+def masked_diffusion_loss(runner, cfg: PDLMConfig, tokenizer: Tokenizer, special: SpecialTokens,  # noqa: ANN001
+                          rgb: np.ndarray, masks: Sequence[np.ndarray], targets: torch.Tensor,
+                          generator: torch.Generator, rule: str = "official") -> torch.Tensor:
+    """LLaDA's SFT loss for one pass of the official layout. targets (N, L): each mask's caption, padded.
+
+    Per mask: t ~ U(0, 1), p = (1 - eps) t + eps, each caption token masked with probability p; the loss is
+    CE(masked tokens) / p averaged over the span, then over masks. One full forward under `rule` (official, or
+    isolated for fine-tuning released weights towards an exact prefix cache)."""
+    n, length = targets.shape
+    ps = prepare_pass(runner, cfg, tokenizer, special, rgb, masks, length)
+    x0 = targets[ps.order].to(runner.device)  # prompt order
+    t = torch.rand(n, 1, generator=generator).to(runner.device)
+    p_mask = (1 - EPS) * t + EPS
+    masked = torch.rand(x0.shape, generator=generator).to(runner.device) < p_mask
+    noisy = torch.where(masked, torch.full_like(x0, cfg.mask_token_id), x0)
+    args = list(ps.inputs(noisy.reshape(-1)))
+    args[5] = ps.seq.rule(rule)
+    logits = runner.sequence_logits(*args).float().reshape(n, length, -1)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (N, L)
+    return ((ce * masked / p_mask).sum(1) / length).mean()
+
+
+# -- decoding modes ------------------------------------------------------------------------------------------------
+from pdlm_ros.types import OFFICIAL_SAMPLERS  # noqa: E402 (torch-free names, shared with the CLI and node)
+
+
+class _Forward:
+    """Caption tokens (M,) -> logits (M, K) for one pass; `flops_tokens` counts token-layer passes (for NFE cost)."""
+
+    def __init__(self, runner, ps: OfficialPass) -> None:  # noqa: ANN001
+        self.runner, self.ps = runner, ps
+        self.tokens_computed = 0  # tokens run through the decoder, all calls together
+
+
+class FullForward(_Forward):
+    """The official mode: one full forward per step (works on any runner, graph backends included)."""
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens_computed += int(self.ps.seq.ids.numel())
+        return self.ps.logits(self.runner, tokens)
+
+
+class IsolatedForward(_Forward):
+    """Exact under `isolated_rule`: the prefix's K/V once, then only the region tokens at every step."""
+
+    def __init__(self, runner, ps: OfficialPass) -> None:  # noqa: ANN001
+        super().__init__(runner, ps)
+        dec = runner.model.decoder
+        allowed = ps.seq.rule("isolated")
+        t = allowed.shape[0]
+        region = torch.zeros(t, dtype=torch.bool, device=allowed.device)
+        for (r0, r1), (b0, b1) in zip(ps.seq.roi_spans, ps.seq.block_spans):
+            region[r0:r1] = True
+            region[b0:b1] = True
+        self.index = region.nonzero().flatten()  # (Q,)
+        prefix = (~region).nonzero().flatten()  # (P,)
+        self.rows = allowed[self.index]  # (Q, T)
+        x = runner.embed(*ps.inputs()[:5])
+        _, pk, pv = dec.forward_dense(x[prefix], prefix, allowed[prefix][:, prefix], return_kv=True)
+        self.keys = [k.new_zeros(k.shape[0], t, k.shape[2]).index_copy(1, prefix, k) for k in pk]  # (H, T, D)
+        self.values = [v.new_zeros(v.shape[0], t, v.shape[2]).index_copy(1, prefix, v) for v in pv]
+        self.tokens_computed += int(prefix.numel())
+        where = torch.full((t,), -1, dtype=torch.long, device=allowed.device)
+        where[self.index] = torch.arange(self.index.numel(), device=allowed.device)
+        self.caption_rows = where[ps.caption_pos]  # caption positions within the region tokens
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        dec = self.runner.model.decoder
+        x = self.runner.embed(*self.ps.inputs(tokens)[:5])[self.index]
+        h = dec.forward_partial(x, self.index, self.index, self.keys, self.values, self.rows)
+        self.tokens_computed += int(self.index.numel())
+        return dec.logits(h[self.caption_rows])
+
+
+class CachedForward(_Forward):
+    """The official rule with the K/V of everything but the caption blocks reused, refreshed every `refresh` calls
+    by a full forward (whose own logits serve that step)."""
+
+    def __init__(self, runner, ps: OfficialPass, refresh: int) -> None:  # noqa: ANN001
+        super().__init__(runner, ps)
+        if refresh < 1:
+            raise ValueError(f"refresh must be >= 1 (got {refresh})")
+        self.refresh, self.calls = refresh, 0
+        t = ps.seq.ids.numel()
+        blocks = torch.zeros(t, dtype=torch.bool, device=ps.caption_pos.device)
+        for b0, b1 in ps.seq.block_spans:
+            blocks[b0:b1] = True
+        self.index = blocks.nonzero().flatten()
+        self.rows = ps.seq.allowed[self.index]
+        where = torch.full((t,), -1, dtype=torch.long, device=self.index.device)
+        where[self.index] = torch.arange(self.index.numel(), device=self.index.device)
+        self.caption_rows = where[ps.caption_pos]
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        dec = self.runner.model.decoder
+        x = self.runner.embed(*self.ps.inputs(tokens)[:5])
+        refresh = self.calls % self.refresh == 0
+        self.calls += 1
+        if refresh:
+            positions = torch.arange(x.shape[0], device=x.device)
+            h, self.keys, self.values = dec.forward_dense(x, positions, self.ps.seq.allowed, return_kv=True)
+            self.tokens_computed += int(x.shape[0])
+            return dec.logits(h[self.ps.caption_pos])
+        h = dec.forward_partial(x[self.index], self.index, self.index, self.keys, self.values, self.rows)
+        self.tokens_computed += int(self.index.numel())
+        return dec.logits(h[self.caption_rows])
+
+
+def make_forward(mode: str, runner, ps: OfficialPass, refresh: int = 4) -> _Forward:  # noqa: ANN001
+    if mode == "official":
+        return FullForward(runner, ps)
+    if not hasattr(runner, "model"):
+        raise ValueError(f"mode {mode!r} needs the PyTorch model (this backend runs the official mode only)")
+    if mode == "isolated":
+        return IsolatedForward(runner, ps)
+    if mode == "cached":
+        return CachedForward(runner, ps, refresh)
+    raise ValueError(f"unknown official-layout mode {mode!r} (official, isolated or cached)")
+
+
+def decode_pass(forward: _Forward, num_masks: int, caption_len: int, mask_id: int, *, sampler: str, steps: int,
+                temperature: float = 0.0, threshold: float = 0.9, generator: torch.Generator | None = None,
+                device: torch.device | str = "cpu"):  # noqa: ANN201 (DecodeResult)
+    """Decode one pass with `sampler`; tokens come back as (N, L) in prompt order."""
+    from pdlm_ros.model.sampler import diffusion_decode, global_remask_decode
+
+    if sampler == "global":
+        res = global_remask_decode(forward, num_masks * caption_len, mask_id, steps=steps, temperature=temperature,
+                                   generator=generator, device=device)
+        res.tokens, res.confidence = res.tokens.reshape(num_masks, caption_len), res.confidence.reshape(
+            num_masks, caption_len)
+        return res
+    if sampler not in ("span", "threshold"):
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(OFFICIAL_SAMPLERS)}")
+    return diffusion_decode(lambda toks, _act: forward(toks.reshape(-1)).reshape(num_masks, caption_len, -1),
+                            num_masks, caption_len, mask_id, steps=min(steps, caption_len), temperature=temperature,
+                            threshold=threshold if sampler == "threshold" else None, generator=generator,
+                            device=device, keep_finished=True)
 
 
 def _official(cfg: PDLMConfig) -> OfficialConfig:

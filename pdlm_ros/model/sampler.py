@@ -70,8 +70,12 @@ class DecodeResult:
 
 def diffusion_decode(logits_fn: LogitsFn, num_spans: int, span_len: int, mask_id: int, *, steps: int,
                      temperature: float = 0.0, threshold: float | None = None,
-                     generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> DecodeResult:
-    """Decode `num_spans` spans of `span_len` masked tokens. See the module docstring for the rules."""
+                     generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                     keep_finished: bool = False) -> DecodeResult:
+    """Decode `num_spans` spans of `span_len` masked tokens. See the module docstring for the rules.
+
+    keep_finished: every span stays in every forward until all are done (for models whose spans see each other,
+    as in the official layout, where a finished span is still part of the sequence)."""
     if num_spans < 1 or span_len < 1:
         raise ValueError(f"need at least one span of at least one token (got {num_spans} x {span_len})")
     if temperature < 0:
@@ -111,7 +115,10 @@ def diffusion_decode(logits_fn: LogitsFn, num_spans: int, span_len: int, mask_id
             per_span[j] = n_c
         commits.append(per_span)
         step += 1
-        active = active[(x[active] == mask_id).any(1)]
+        if not keep_finished:
+            active = active[(x[active] == mask_id).any(1)]
+        elif not (x == mask_id).any():
+            break
     return DecodeResult(x, conf_out, nfe, commits)
 
 

@@ -15,6 +15,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from pdlm_ros.errors import CheckpointError
 
 __all__ = ["TINY_SPECIAL_TOKENS", "TINY_WORDS", "tiny_vocab_size", "build_tiny_tokenizer", "load_tokenizer",
+           "TINY_OFFICIAL_SPECIAL_TOKENS", "TINY_OFFICIAL_WORDS", "tiny_official_vocab_size",
+           "build_tiny_official_tokenizer",
            "read_chat_template", "chat_prompt"]
 
 # Names follow LLaDA's special tokens so code paths read the same for both tokenizers.
@@ -33,11 +35,31 @@ def tiny_vocab_size() -> int:
     return len(TINY_SPECIAL_TOKENS) + len(TINY_WORDS)
 
 
+# The tiny vocabulary plus what the official layout's prompt needs (its special tokens and role words), for small
+# official-layout models trained here; ids of the tiny tokens are unchanged.
+TINY_OFFICIAL_SPECIAL_TOKENS = TINY_SPECIAL_TOKENS + [
+    "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<img>", "</img>", "<IMG_CONTEXT>",
+    *(f"<|reserved_token_{i}|>" for i in range(6)), *(f"<|Mask_Cap_{i}|>" for i in range(6))]
+TINY_OFFICIAL_WORDS = TINY_WORDS + ["system", "user", "assistant"]
+
+
+def tiny_official_vocab_size() -> int:
+    return len(TINY_OFFICIAL_SPECIAL_TOKENS) + len(TINY_OFFICIAL_WORDS)
+
+
+def build_tiny_official_tokenizer() -> Tokenizer:
+    return _word_level(TINY_OFFICIAL_SPECIAL_TOKENS, TINY_OFFICIAL_WORDS)
+
+
 def build_tiny_tokenizer() -> Tokenizer:
-    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS + TINY_WORDS)}
+    return _word_level(TINY_SPECIAL_TOKENS, TINY_WORDS)
+
+
+def _word_level(specials: list[str], words: list[str]) -> Tokenizer:
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.add_special_tokens(TINY_SPECIAL_TOKENS)
+    tok.add_special_tokens(specials)
     return tok
 
 
