@@ -46,7 +46,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=("", "tiny", "small", "8b")),
     ParamSpec("backend", "torch", str, "inference backend", choices=("torch", "onnxruntime", "tensorrt")),
     ParamSpec("engine_path", "", str, "export directory of the ONNX graphs and their engine cache (backends "
-              "onnxruntime, tensorrt); empty: export the model under engines/ on first start"),
+              "onnxruntime, tensorrt); empty: export the model under $ROS_HOME/pdlm_ros/engines (ROS_HOME: ~/.ros) on "
+              "first start"),
     ParamSpec("device", "auto", str, "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1"),
     ParamSpec("seed", 0, int, "random seed (preset weights, sampling with temperature > 0)", (0, 2**31 - 1)),
     # decoding

@@ -123,16 +123,16 @@ def test_launch_with_remaps_and_params_file_proof_of_life(ros2_env, tmp_path):
         assert (stamp - 3_000_000_000) % 100_000_000 == 0 and stamp >= 3_000_000_000
         assert [r.id for r in c.regions] == ["car-7", ""] and all(r.caption for r in c.regions)
 
-        get = _ros2("param", "get", "/robot/pdlm_node", "decoding.steps")
+        get = _ros2("param", "get", "--no-daemon", "/robot/pdlm_node", "decoding.steps")
         assert "Integer value is: 2" in get.stdout, get.stdout + get.stderr
-        get = _ros2("param", "get", "/robot/pdlm_node", "cache.max_age")  # an int in the file, taken as a number
+        get = _ros2("param", "get", "--no-daemon", "/robot/pdlm_node", "cache.max_age")  # an int in the file, taken as a number
         assert "value is: 5" in get.stdout, get.stdout + get.stderr
-        put = _ros2("param", "set", "/robot/pdlm_node", "decoding.steps", "4")
+        put = _ros2("param", "set", "--no-daemon", "/robot/pdlm_node", "decoding.steps", "4")
         answer = put.stdout + put.stderr
         assert "Setting parameter failed" in answer and "read at configure" in answer, answer
-        state = _ros2("lifecycle", "get", "/robot/pdlm_node")
+        state = _ros2("lifecycle", "get", "--no-daemon", "/robot/pdlm_node")
         assert state.stdout.startswith("active"), state.stdout + state.stderr
-        services = _ros2("service", "list")
+        services = _ros2("service", "list", "--no-daemon")
         assert "/robot/pdlm_node/describe" in services.stdout and "/robot/pdlm_node/enable" in services.stdout
 
         for _ in range(20):
