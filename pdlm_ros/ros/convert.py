@@ -270,7 +270,7 @@ def caption_array_msg(result: FrameResult, header: Any, ages: Sequence[float] | 
             confidence=float(r.confidence), cached=bool(r.cached), age=float(ages[k]) if ages is not None else 0.0,
             error=r.error))
     total = result.stats.latency_ms.get("total", 0.0) if latency_ms is None else latency_ms
-    return t[M.CAPTION_ARRAY](header=header, model=result.model_name, nfe=int(result.stats.nfe),
+    return t[M.CAPTION_ARRAY](header=header, nfe=int(result.stats.nfe),
                               tpf=float(result.stats.tpf), latency_ms=float(total), regions=regions)
 
 

@@ -25,7 +25,7 @@ def emit(doc: dict) -> None:
 
 def on_captions(msg) -> None:
     emit({"topic": "captions", "stamp": stamp_ns(msg.header), "frame_id": msg.header.frame_id, "nfe": msg.nfe,
-          "model": msg.model, "regions": [{"id": r.id, "index": r.index, "caption": r.caption, "cached": r.cached,
+          "regions": [{"id": r.id, "index": r.index, "caption": r.caption, "cached": r.cached,
                                            "error": r.error} for r in msg.regions]})
 
 

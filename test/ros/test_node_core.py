@@ -55,7 +55,9 @@ def test_captions_carry_image_header_and_detection_ids(make_node):
     first = caps[0]
     assert [r.id for r in first.regions] == ["car-1", "ped-2"] and [r.index for r in first.regions] == [0, 1]
     assert all(r.caption and not r.error and not r.cached and 0.0 <= r.confidence <= 1.0 for r in first.regions)
-    assert first.nfe == 2 and first.model.startswith("pdlm-tiny")
+    assert first.nfe == 2
+    info, = out.on("model_info")  # the model is named once, on the latched topic, not in every caption array
+    assert info.name.startswith("pdlm-tiny") and info.max_regions > 0
     assert first.regions[0].bbox.center.position.x == 20.0 and first.regions[0].class_id == "thing"
 
 
