@@ -175,6 +175,7 @@ class NodeCore:
             self.captioner = self._loader(self.params)
             self.publish_model_info()
         self._stop.clear()
+        self._last_image_at = self._image_period = None  # time spent inactive is not a gap in the camera stream
         self._worker = threading.Thread(target=self._run, name=f"{self.name}-worker", daemon=True)
         self.state = "active"
         self._worker.start()

@@ -335,3 +335,22 @@ def test_engines_go_under_ros_home_not_the_working_directory(tmp_path, monkeypat
     load_captioner(NodeParams.from_values({"backend": "onnxruntime", "preset": "tiny", "device": "cpu"}))
     assert list(cwd.iterdir()) == []
     assert [p.name for p in engine_root().iterdir()] and all(p.is_dir() for p in engine_root().iterdir())
+
+
+def test_a_pause_while_inactive_is_not_an_image_stream_gap(tiny_captioner):
+    """The time spent deactivated (model reload included) is not a camera that stopped: reactivation starts fresh."""
+    now = [100.0]
+    out = RecordingOutputs()
+    node = NodeCore(NodeParams.from_values({"decoding.steps": 2}), out, loader=lambda p: tiny_captioner,
+                    clock=lambda: now[0])
+    node.configure()
+    node.activate()
+    for k in range(3):
+        feed(node, *frame(1_000 * MS + k * 100 * MS, BOXES, seed=k))
+        now[0] += 0.1
+    node.deactivate()
+    now[0] += 30.0
+    node.activate()
+    feed(node, *frame(2_000 * MS, BOXES))
+    assert node.health.snapshot()[1]["image_stream_gap"] == 0
+    node.shutdown()
