@@ -148,16 +148,23 @@ class PdlmLifecycleNode(LifecycleNode):
     def __init__(self, node_name: str = "pdlm_node", *, loader: Any = load_captioner, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         self._loader = loader
-        # rcl has already read --params-file / -p for this node: check them all before declaring anything, so a
-        # bad value is reported by name instead of raising inside declare_parameter.
+        # rcl has already read --params-file / -p for this node (rclpy keeps them in _parameter_overrides, Humble to
+        # Jazzy): check each before declaring anything, so a bad value is reported by name instead of raising inside
+        # declare_parameter. A bad one keeps configure failing until `ros2 param set` gives it a valid value (an
+        # unknown name until the file is fixed): falling back to the default silently would hide the mistake.
         overrides = {name: p.value for name, p in self._parameter_overrides.items() if name not in _ROS_OWNED}
-        self.param_error: str | None = None
-        try:
-            NodeParams.from_values(overrides)
-        except PDLMError as err:
-            self.param_error = str(err)
+        self.bad_params: dict[str, str] = {}
+        for name, value in overrides.items():
+            spec = PARAMS_BY_NAME.get(name)
+            try:  # one value at a time; rules between parameters are checked at configure
+                if spec is None:
+                    NodeParams.from_values({name: value})  # the unknown-name error with its "did you mean"
+                else:
+                    check_value(spec, value)
+            except PDLMError as err:
+                self.bad_params[name] = str(err)
         for spec in PARAMS:
-            valid = spec.name in overrides and self._valid(spec, overrides[spec.name])
+            valid = spec.name in overrides and spec.name not in self.bad_params
             self.declare_parameter(spec.name, spec.default, _descriptor(spec), ignore_override=not valid)
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
@@ -211,14 +218,15 @@ class PdlmLifecycleNode(LifecycleNode):
                 return SetParametersResult(successful=False, reason=(
                     f"parameter {p.name!r} is read at configure; the node is {self.core.state}: deactivate and "
                     "cleanup, set it, then configure again"))
+        for p in params:
+            self.bad_params.pop(p.name, None)  # given a valid value now
         return SetParametersResult(successful=True)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.get_logger().info("configuring")
-        if self.param_error is not None:
-            self.get_logger().error(f"configure failed: {self.param_error}")
-            self.param_error = None  # a later `ros2 param set` + configure may succeed
+        if self.bad_params:
+            self.get_logger().error(f"configure failed: {next(iter(self.bad_params.values()))}")
             return TransitionCallbackReturn.FAILURE
         try:
             params = self._params()

@@ -124,6 +124,18 @@ def test_bad_parameters_fail_configure_with_one_line(harness, arg, message):
     assert line.level == 40 and line.name == h.node.get_logger().name  # ERROR, from the node's own logger
 
 
+def test_a_bad_parameter_keeps_failing_until_it_is_set_right(harness):
+    """Retrying configure must not quietly fall back to the default of a parameter the user got wrong."""
+    from rclpy.lifecycle import TransitionCallbackReturn as R
+    from rclpy.parameter import Parameter
+
+    h = harness(["-p", "decoding.steps:=5000"])
+    assert h.node.trigger_configure() == R.FAILURE
+    assert h.node.trigger_configure() == R.FAILURE
+    assert h.node.set_parameters([Parameter("decoding.steps", value=3)])[0].successful
+    assert h.node.trigger_configure() == R.SUCCESS and h.node.core.params.decoding_steps == 3
+
+
 def test_param_set_is_validated_and_refused_while_configured(harness):
     from rclpy.lifecycle import TransitionCallbackReturn as R
     from rclpy.parameter import Parameter
