@@ -156,9 +156,10 @@ class Captioner:
         timings: dict[str, float] = {}
         decoded: dict[int, tuple[str, float]] = {}
         nfe = tokens = 0
+        cost = {"decoded_tokens": 0, "sequence_len": 0}
         if prepared and self.layout == "official":
             nfe, tokens = self._decode_official(rgb, prepared, mode, sampler, refresh or 4, steps, threshold,
-                                                temperature, generator, decoded, timings)
+                                                temperature, generator, decoded, timings, cost)
         elif prepared:
             with torch.inference_mode():
                 mark = self._clock()
@@ -185,13 +186,14 @@ class Captioner:
                 timings["decode"], mark = self._lap(mark)
         timings["total"] = (time.perf_counter() - t_start) * 1000.0
         return FrameResult(self._results(regions, prepared, errors, decoded),
-                           FrameStats(nfe=nfe, tokens=tokens, tpf=tokens / nfe if nfe else 0.0, latency_ms=timings),
+                           FrameStats(nfe=nfe, tokens=tokens, tpf=tokens / nfe if nfe else 0.0, latency_ms=timings,
+                                      **cost),
                            self.name)
 
     def _decode_official(self, rgb: np.ndarray, prepared: list[PreparedRegion], mode: str, sampler: str,
                          refresh: int, steps: int, threshold: float | None, temperature: float,
                          generator: torch.Generator | None, decoded: dict[int, tuple[str, float]],
-                         timings: dict[str, float]) -> tuple[int, int]:
+                         timings: dict[str, float], cost: dict[str, int]) -> tuple[int, int]:
         """The official layout, pass by pass of at most prompt_numbers masks (request order)."""
         model, cfg = self.model, self.config
         per_pass, length = cfg.official.prompt_numbers, cfg.decoding.caption_len
@@ -217,6 +219,8 @@ class Captioner:
                 timings["decode"] += self._lap(mark)[0]
                 nfe += result.nfe
                 tokens += result.tokens_committed
+                cost["decoded_tokens"] += forward.tokens_computed
+                cost["sequence_len"] = max(cost["sequence_len"], int(ps.seq.ids.numel()))
                 for slot, k in enumerate(ps.order):  # prompt slot -> the mask's place in this pass
                     decoded[part[k].index] = self._text(result.tokens[slot], result.confidence[slot],
                                                         model.special_tokens.stop)

@@ -67,6 +67,10 @@ class FrameStats:
     tokens: int = 0  # caption tokens committed
     tpf: float = 0.0
     latency_ms: dict[str, float] = field(default_factory=dict)  # per stage, plus "total"
+    # Official layout: tokens the decoder computed, all forwards together (the cost the fast modes cut), and the
+    # length of the longest pass's sequence (the keys each token attends over). 0 where not counted.
+    decoded_tokens: int = 0
+    sequence_len: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("replay", "replay", "caption every image/detection pair of a bag and write a captioned bag + reports"),
     ("make-sample-bag", "sample_bag", "write a bag of generated moving scenes with tracked detections"),
     ("bench", "bench", "benchmark parallel vs sequential vs autoregressive decoding"),
+    ("compare-modes", "compare_modes", "accuracy and speed of every decoding mode of an official checkpoint"),
     ("bench-load", "bench_load", "peak memory of loading a sharded checkpoint, against its weight bytes"),
     ("export", "export", "export ONNX graphs (vision, prefix, denoising step)"),
     ("build-engine", "build_engine", "build TensorRT engines from exported ONNX graphs"),

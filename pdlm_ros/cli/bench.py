@@ -32,12 +32,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from pdlm_ros.eval.bench import BENCH_MODES
 
-    p.add_argument("--preset", choices=["tiny", "small", "8b"],
-                   help="randomly initialised model of this shape (default: small, unless --checkpoint is given)")
+    p.add_argument("--preset", choices=["tiny", "small", "8b", "tiny-official", "small-official", "8b-official"],
+                   help="randomly initialised model of this shape (default: small, unless --checkpoint is given); "
+                        "the *-official presets and official checkpoints run the official layout's modes")
     p.add_argument("--checkpoint", metavar="DIR", help="benchmark a PerceptionDLM checkpoint instead of a preset")
     p.add_argument("--regions", default="1,2,4,8,16", metavar="N,N,...", help="region counts (default: %(default)s)")
-    p.add_argument("--modes", default=",".join(BENCH_MODES), metavar="MODE,...",
-                   help="modes to measure (default: all: %(default)s)")
+    p.add_argument("--modes", metavar="MODE,...",
+                   help=f"modes to measure (default: all: {','.join(BENCH_MODES)}; for the official layout: "
+                        "official,isolated,cached)")
+    p.add_argument("--refresh", type=int, default=4, help="official layout, mode cached: refresh the K/V cache every "
+                   "N steps (default 4)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--dtype", choices=list(DTYPES), help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 32)")
@@ -216,12 +220,15 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1 (got {args.steps})")
+    cap, thr_model = load_models(args, device, dtype)
+    if cap.layout == "official":
+        return _run_official(cap, args)
     settings = BenchSettings(regions=parse_int_list(args.regions, "--regions"),
-                             modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+                             modes=tuple(m.strip() for m in (args.modes or ",".join(BENCH_MODES)).split(",")
+                                         if m.strip()),
                              steps=args.steps, repeats=args.repeats, warmup=args.warmup,
                              max_cell_s=args.max_cell_seconds or None, frame_size=parse_size(args.frame_size),
                              seed=args.seed, flops=not args.no_flops)
-    cap, thr_model = load_models(args, device, dtype)
     bar = tqdm(total=len(settings.regions) * len(settings.modes), file=sys.stderr, desc="bench", unit="cell",
                disable=args.json == "-" or not sys.stderr.isatty())
 
@@ -239,4 +246,29 @@ def run(args: argparse.Namespace) -> int:
     print(text, file=sys.stderr if args.json == "-" else sys.stdout)
     if args.plot:
         plot_report(report, args.plot)
+    return 0
+
+
+def _run_official(cap: Any, args: argparse.Namespace) -> int:
+    """The official layout's modes (`pdlm_ros.eval.official_bench`): one table, ratios against `official`."""
+    from pdlm_ros.eval.official_bench import OFFICIAL_BENCH_MODES, run_official_bench
+
+    if args.refresh < 1:
+        raise ConfigError(f"--refresh must be >= 1 (got {args.refresh})")
+    modes = tuple(m.strip() for m in (args.modes or ",".join(OFFICIAL_BENCH_MODES)).split(",") if m.strip())
+
+    def on_row(r: Any) -> None:
+        print(f"{r.mode} x{r.regions}: {r.latency_s:.2f} s, {r.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+
+    report = run_official_bench(cap, regions=parse_int_list(args.regions, "--regions"), modes=modes,
+                                refresh=args.refresh, repeats=args.repeats, warmup=args.warmup,
+                                frame_size=parse_size(args.frame_size), steps=args.steps,
+                                max_cell_seconds=args.max_cell_seconds or 0.0, flops=not args.no_flops,
+                                seed=args.seed, progress=on_row)
+    text = f"model {report.model} ({report.dtype}); {report.machine['device']} ({report.machine['cpu']}); " \
+           f"{report.frame_size[0]}x{report.frame_size[1]} frames; refresh {report.refresh}; {report.created}\n" \
+           + report.table()
+    if args.json:
+        emit_json(report.to_dict(), args.json)
+    print(text, file=sys.stderr if args.json == "-" else sys.stdout)
     return 0

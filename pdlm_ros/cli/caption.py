@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="auto", choices=MODES,
                    help="decoding mode (default auto: parallel, or official for the released PerceptionDLM)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 32)")
+    p.add_argument("--sampler", choices=["global", "span", "threshold"],
+                   help="official checkpoints: how tokens are committed (default global, the official re-masking)")
+    p.add_argument("--refresh", type=int, help="official checkpoints, mode cached: refresh the cache every N steps")
     p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy, deterministic)")
     p.add_argument("--seed", type=int, help="seed for temperature sampling")
     add_model_options(p)
@@ -69,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         m = read_image(path)
         regions.append(RegionInput(mask=(m if m.ndim == 2 else m[..., :3].max(axis=2)) > 0))
     cap = load_captioner(args)
-    res = cap.caption(image, regions, mode=args.mode, steps=args.steps, temperature=args.temperature, seed=args.seed)
+    extra = {k: v for k, v in (("sampler", args.sampler), ("refresh", args.refresh)) if v is not None}
+    res = cap.caption(image, regions, mode=args.mode, steps=args.steps, temperature=args.temperature, seed=args.seed,
+                      **extra)
     if args.json:
         doc = res.to_dict()
         emit_json({"regions": [{"index": r["index"], "box": r["box"], "caption": r["caption"],
