@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="decoding mode (default auto: parallel, or official for the released PerceptionDLM)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--sampler", choices=["global", "span", "threshold"],
+                   help="official checkpoints: how tokens are committed (default global, the official re-masking)")
+    p.add_argument("--refresh", type=int, help="official checkpoints, mode cached: refresh the cache every N steps")
     p.add_argument("--slop", type=float, default=0.0, metavar="SECONDS",
                    help="pair stamps that differ by at most this much (default 0: exact)")
     p.add_argument("--annotated", action="store_true", help="also write annotated images to the output bag")
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     detections = args.detections_topic or (None if args.mask_topic else "/detections")
     options = ReplayOptions(image_topic=args.image_topic, detections_topic=detections,
                             mask_topic=args.mask_topic, mode=args.mode, steps=args.steps, annotated=args.annotated,
-                            slop_s=args.slop, cache=not args.no_cache)
+                            slop_s=args.slop, cache=not args.no_cache, sampler=args.sampler, refresh=args.refresh)
     set_threads(args.threads)
     captioner = load_captioner(args)
     result = replay(args.bag, args.out, captioner, options, overwrite=args.overwrite,

@@ -65,6 +65,8 @@ class ReplayOptions:
     mask_topic: str | None = None
     mode: str = "auto"  # the checkpoint layout's default
     steps: int | None = None  # denoising steps (None: the model's default)
+    sampler: str | None = None  # official checkpoints: global (default), span or threshold
+    refresh: int | None = None  # official checkpoints, mode cached: cache refresh interval (None: 4)
     annotated: bool = False  # also write an annotated image per pair
     slop_s: float = 0.0  # stamp tolerance for pairing; 0 = exact (detectors copy the image header)
     queue_size: int = 1000  # per stream; deep, so lateness never costs a pair in replay
@@ -224,6 +226,11 @@ def _regions(msg: Any, from_mask: bool, width: int, height: int) -> list[RegionI
                                "vision_msgs 4.x (Humble and later)") from err
 
 
+def _decode_options(options: ReplayOptions) -> dict[str, Any]:
+    """The official-layout options that were given (a native captioner refuses them by name)."""
+    return {k: v for k, v in (("sampler", options.sampler), ("refresh", options.refresh)) if v is not None}
+
+
 def _refused(regions: list[RegionInput], reason: str, model: str) -> FrameResult:
     """A frame the model could not run on: every region kept, each carrying the reason."""
     caps = [RegionCaption(index=i, region_id=r.region_id,
@@ -335,7 +342,8 @@ def _caption_pair(index: int, pair: Any, captioner: CaptionerLike, options: Repl
         image = _image(img_msg, img_type)
         regions = _regions(region_msg, from_mask, image.shape[1], image.shape[0])
         if cache is None:
-            result = captioner.caption(image, regions, mode=options.mode, steps=options.steps)
+            result = captioner.caption(image, regions, mode=options.mode, steps=options.steps,
+                                       **_decode_options(options))
         else:
             result, ages = _caption_with_cache(captioner, cache, image, regions, pair.stamp, options)
         error = ""
@@ -361,7 +369,8 @@ def _caption_with_cache(captioner: CaptionerLike, cache: CaptionCache, image: np
     cached, todo, boxes = reuse_cached(cache, regions, stamp)
     stats, fresh = FrameStats(), {}
     if todo:
-        part = captioner.caption(image, [regions[i] for i in todo], mode=options.mode, steps=options.steps)
+        part = captioner.caption(image, [regions[i] for i in todo], mode=options.mode, steps=options.steps,
+                                 **_decode_options(options))
         stats = part.stats
         fresh = {i: replace(cap, index=i) for i, cap in zip(todo, part.regions)}
         remember(cache, regions, boxes, fresh, stamp)

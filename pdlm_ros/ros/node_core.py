@@ -411,10 +411,16 @@ class NodeCore:
         with self._model_lock:
             if self.captioner is None:
                 raise ConfigError("the model is not loaded (node deactivated)")
+            extra: dict[str, Any] = {}
+            if p.decoding_sampler:  # official checkpoints only; a native captioner refuses them by name
+                extra["sampler"] = p.decoding_sampler
+            if p.decoding_refresh:
+                extra["refresh"] = p.decoding_refresh
+            uses_threshold = "threshold" in (p.decoding_mode, p.decoding_sampler)
             return self.captioner.caption(
                 rgb, regions, mode=p.decoding_mode, steps=p.decoding_steps or None,
-                threshold=(p.decoding_threshold or None) if p.decoding_mode == "threshold" else None,
-                temperature=p.decoding_temperature)
+                threshold=(p.decoding_threshold or None) if uses_threshold else None,
+                temperature=p.decoding_temperature, **extra)
 
     def describe(self, image_msg: Any | None, regions: list[RegionInput], prompt: str = "") -> Any:
         """An on-demand RegionCaptionArray for `regions` of `image_msg` (None: the latest image received), with

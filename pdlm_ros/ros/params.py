@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from pdlm_ros.errors import ConfigError
-from pdlm_ros.types import MODES
+from pdlm_ros.types import MODES, OFFICIAL_SAMPLERS
 
 __all__ = ["ParamSpec", "PARAMS", "PARAMS_BY_NAME", "NodeParams", "check_value", "load_params_file", "flatten"]
 
@@ -57,6 +57,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("decoding.threshold", 0.0, float, "confidence threshold (mode threshold); 0: the model's default",
               (0.0, 1.0)),
     ParamSpec("decoding.temperature", 0.0, float, "sampling temperature; 0 is deterministic", (0.0, 10.0)),
+    ParamSpec("decoding.sampler", "", str, "official checkpoints: how tokens are committed: global (the official "
+              "re-masking), span or threshold; empty: global", choices=("", *OFFICIAL_SAMPLERS)),
+    ParamSpec("decoding.refresh", 0, int, "official checkpoints, mode cached: refresh the K/V cache every N steps; "
+              "0: 4", (0, 1024)),
     # inputs
     ParamSpec("regions.source", "detections", str, "where regions come from: a vision_msgs/Detection2DArray "
               "topic (detections), yolo_ros' yolo_msgs/DetectionArray on the same topic (yolo; rclpy transport "
@@ -146,6 +150,8 @@ class NodeParams:
     decoding_steps: int = 0
     decoding_threshold: float = 0.0
     decoding_temperature: float = 0.0
+    decoding_sampler: str = ""
+    decoding_refresh: int = 0
     regions_source: str = "detections"
     regions_box_width: int = 0
     regions_box_height: int = 0

@@ -101,15 +101,19 @@ def test_replay_takes_an_official_checkpoint(tmp_path, capsys):
     assert len(captions) == 1 and all(c.caption for c in captions[0][1].regions)
 
 
-def test_node_takes_an_official_checkpoint():
-    """The node's `checkpoint` parameter with the official fixture: captions per detection, mode auto -> official."""
+@pytest.mark.parametrize("values,mode", [({}, "official"),
+                                         ({"decoding.mode": "cached", "decoding.sampler": "span",
+                                           "decoding.refresh": 2}, "cached")])
+def test_node_takes_an_official_checkpoint(values, mode):
+    """The node's `checkpoint` parameter with the official fixture: captions per detection; mode auto -> official,
+    and the fast modes' parameters reach the captioner."""
     from pdlm_ros.ros.node_core import NodeCore
     from pdlm_ros.ros.params import NodeParams
     from test.ros.conftest import RecordingOutputs, frame
 
     out = RecordingOutputs(None)
     node = NodeCore(NodeParams.from_values({"checkpoint": str(FIXTURE), "device": "cpu", "decoding.steps": 2,
-                                            "diagnostics.period": 3600.0}), out)
+                                            "diagnostics.period": 3600.0, **values}), out)
     try:
         node.configure()
         node.activate()
@@ -122,4 +126,4 @@ def test_node_takes_an_official_checkpoint():
     caps = out.on("captions")
     assert len(caps) == 1 and [r.id for r in caps[0].regions] == ["a", "b"]
     assert all(r.caption and not r.error for r in caps[0].regions) and caps[0].nfe == 2
-    assert out.on("model_info")[0].decoding_mode == "official"
+    assert out.on("model_info")[0].decoding_mode == mode
