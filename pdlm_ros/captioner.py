@@ -47,7 +47,7 @@ from pdlm_ros.model.pdlm import PerceptionDLM
 from pdlm_ros.model.regions import PreparedRegion, prepare_regions
 from pdlm_ros.model.official import attach_special_tokens, box_mask, decode_pass, make_forward, prepare_pass
 from pdlm_ros.model.sampler import diffusion_decode
-from pdlm_ros.model.tokenizer import build_tiny_official_tokenizer, build_tiny_tokenizer
+from pdlm_ros.model.tokenizer import build_llada_layout_tokenizer, build_tiny_official_tokenizer, build_tiny_tokenizer
 from pdlm_ros.types import (CACHED_MODES, MODES, NATIVE_MODES, OFFICIAL_MODES, OFFICIAL_SAMPLERS, FrameResult,
                             FrameStats, RegionCaption, RegionInput)
 
@@ -105,6 +105,8 @@ class Captioner:
             cfg = get_preset(preset)
             build = build_tiny_official_tokenizer if cfg.official is not None else build_tiny_tokenizer
             tokenizer = build() if cfg.decoder.vocab_size == build().get_vocab_size() else None
+            if tokenizer is None and cfg.official is not None:  # the real shapes: LLaDA's ids, placeholder words
+                tokenizer = build_llada_layout_tokenizer(cfg.decoder.vocab_size)
             prompt_ids = (tokenizer.encode(cfg.prompt, add_special_tokens=False).ids if tokenizer is not None
                           else [i % cfg.decoder.vocab_size for i in range(100, 132)])  # random 8b: no tokenizer
             torch.manual_seed(seed)

@@ -16,7 +16,7 @@ from pdlm_ros.errors import CheckpointError
 
 __all__ = ["TINY_SPECIAL_TOKENS", "TINY_WORDS", "tiny_vocab_size", "build_tiny_tokenizer", "load_tokenizer",
            "TINY_OFFICIAL_SPECIAL_TOKENS", "TINY_OFFICIAL_WORDS", "tiny_official_vocab_size",
-           "build_tiny_official_tokenizer",
+           "build_tiny_official_tokenizer", "build_llada_layout_tokenizer", "LLADA_IDS",
            "read_chat_template", "chat_prompt"]
 
 # Names follow LLaDA's special tokens so code paths read the same for both tokenizers.
@@ -49,6 +49,33 @@ def tiny_official_vocab_size() -> int:
 
 def build_tiny_official_tokenizer() -> Tokenizer:
     return _word_level(TINY_OFFICIAL_SPECIAL_TOKENS, TINY_OFFICIAL_WORDS)
+
+
+LLADA_IDS = {"<|startoftext|>": 126080, "<|endoftext|>": 126081, "<|mdm_mask|>": 126336,
+             "<|start_header_id|>": 126346, "<|end_header_id|>": 126347, "<|eot_id|>": 126348}
+
+
+def build_llada_layout_tokenizer(vocab_size: int = 126490) -> Tokenizer:
+    """A word-level tokenizer with LLaDA's special ids (mask 126336, eot 126348, ...) and the released
+    PerceptionDLM's added tokens after 126464, for random-weight models of the real shapes (the 8b-official preset's
+    benchmark): the sampler and the prompt then see the real ids. The tiny words keep low ids; other ids are
+    placeholders that no text produces."""
+    specials = dict(LLADA_IDS)
+    specials.update({f"<|reserved_token_{i}|>": 126082 + i for i in range(16)})
+    added = ["<IMG_CONTEXT>", "<img>", "</img>", *(f"<|Mask_Cap_{i}|>" for i in range(16))]
+    specials.update({t: 126464 + i for i, t in enumerate(added)})
+    if vocab_size <= max(specials.values()):
+        raise ValueError(f"vocab_size {vocab_size} cannot hold the released model's added tokens")
+    names = ["<|unk|>", *TINY_OFFICIAL_WORDS]
+    vocab = {n: i for i, n in enumerate(names)}
+    for i in range(len(names), vocab_size):
+        vocab.setdefault(f"<unused{i}>", i)
+    vocab = {k: v for k, v in vocab.items() if v not in specials.values()}
+    vocab.update(specials)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(list(specials))
+    return tok
 
 
 def build_tiny_tokenizer() -> Tokenizer:

@@ -114,3 +114,18 @@ def test_mode_options_are_checked(fixture_model):
     native = Captioner.load(preset="tiny")
     with pytest.raises(ConfigError, match="official-layout checkpoints only"):
         native.caption(rgb, reg, sampler="span")
+
+
+def test_8b_official_preset_has_a_tokenizer_with_the_real_ids():
+    """The GPU benchmark of the released shapes needs LLaDA's special ids in its prompt and sampler."""
+    from pdlm_ros.model.config import preset
+    from pdlm_ros.model.official import SpecialTokens, prompt_text
+    from pdlm_ros.model.tokenizer import build_llada_layout_tokenizer
+
+    cfg = preset("8b-official")
+    tok = build_llada_layout_tokenizer(cfg.decoder.vocab_size)
+    special = SpecialTokens.from_tokenizer(tok, cfg, "8b-official")
+    assert special.mask == 126336 and 126348 in special.stop and special.image == 126464
+    ids = tok.encode(prompt_text(cfg.official, 256, 7, 2, 32)).ids
+    assert ids.count(special.image) == 256 * 7 and ids.count(special.mask) == 64
+    assert max(ids) < cfg.decoder.vocab_size
