@@ -334,18 +334,20 @@ def export_model(model: PerceptionDLM, out_dir: str | Path, *, tokenizer: Any = 
     if variant not in VARIANTS:
         raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     cfg = model.cfg
-    if cfg.layout == "official":
-        return _export_official(model, Path(out_dir), tokenizer=tokenizer, variant=variant, dtype=dtype, opset=opset,
-                                hash_=hash_)
     max_regions = max_regions or cfg.region.max_regions
     if max_regions < 1:
         raise ConfigError(f"max_regions must be >= 1 (got {max_regions})")
+    if cfg.layout == "official" and variant == "tensorrt":
+        raise ConfigError("the official layout exports the portable graphs only (no TensorRT variant yet); "
+                          "use --variant portable")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hash_ = hash_ or model_hash(model)
     model = model.eval().to("cpu")
     if dtype is not None:
         model = model.to(dtype)
+    if cfg.layout == "official":
+        return _export_official(model, out, tokenizer=tokenizer, opset=opset, hash_=hash_)
     wdtype = model.decoder.wte.weight.dtype
     register_onnx_schema()
 
@@ -413,22 +415,14 @@ def export_model(model: PerceptionDLM, out_dir: str | Path, *, tokenizer: Any = 
     return manifest
 
 
-def _export_official(model: PerceptionDLM, out: Path, *, tokenizer: Any, variant: str, dtype: torch.dtype | None,
-                     opset: int, hash_: str | None) -> Manifest:
+def _export_official(model: PerceptionDLM, out: Path, *, tokenizer: Any, opset: int, hash_: str) -> Manifest:
+    """The official layout's two graphs (model already on the CPU in the export's dtype)."""
     import onnx
 
     from pdlm_ros.model.official import tile_grid
 
-    if variant == "tensorrt":
-        raise ConfigError("the official layout exports the portable graphs only (no TensorRT variant yet); "
-                          "use --variant portable")
     cfg = model.cfg
     o, v, d = cfg.official, cfg.vision, cfg.decoder
-    out.mkdir(parents=True, exist_ok=True)
-    hash_ = hash_ or model_hash(model)
-    model = model.eval().to("cpu")
-    if dtype is not None:
-        model = model.to(dtype)
     wdtype = model.decoder.wte.weight.dtype
     gen = torch.Generator().manual_seed(0)
     views, t = 2, v.tokens_per_view
