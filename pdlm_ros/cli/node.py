@@ -62,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
 
     transport = make_transport(args.transport)
     stop = threading.Event()
-    if transport.name == "dds":  # rclpy installs its own handlers and shuts itself down
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a signal asks the transport to stop, never raises mid-shutdown
+        signal.signal(sig, lambda *_: stop.set())
     return transport.run(ros_args, stop, log_level=level)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message, serialize_message
+from rclpy.signals import SignalHandlerOptions
 
 from pdlm_ros.errors import PDLMError
 from pdlm_ros.ros import messages as M
@@ -401,27 +401,27 @@ class RclpyTransport(Transport):
     name = "rclpy"
 
     def run(self, ros_args: Sequence[str], stop: threading.Event, *, log_level: str = "INFO") -> int:
-        rclpy.init(args=[sys.argv[0], "--ros-args", "--log-level", _ROS_LEVELS.get(log_level, "info"), *ros_args])
+        # Not rclpy's signal handlers: Ctrl-C reaches the node twice (the terminal's process group and `ros2 launch`
+        # forwarding it), and rclpy's handler raises KeyboardInterrupt for the second one wherever the shutdown
+        # happens to be. `pdlm-ros node` turns SIGINT/SIGTERM into `stop` instead.
+        rclpy.init(args=[sys.argv[0], "--ros-args", "--log-level", _ROS_LEVELS.get(log_level, "info"), *ros_args],
+                   signal_handler_options=SignalHandlerOptions.NO)
         node = PdlmLifecycleNode()
         executor = MultiThreadedExecutor(num_threads=3)
         executor.add_node(node)
         code = 0
         try:
             with bridge_logging(node):
-                if node.get_parameter("autostart").value:
+                if node.get_parameter("autostart").value and not stop.is_set():
                     if node.trigger_configure() != TransitionCallbackReturn.SUCCESS or \
                             node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
                         code = 1
                 while code == 0 and rclpy.ok() and not stop.is_set():
                     executor.spin_once(timeout_sec=0.2)
-        except (KeyboardInterrupt, ExternalShutdownException):
+        except (KeyboardInterrupt, ExternalShutdownException):  # run without the CLI's handlers; context shut down
             pass
         finally:
-            # Ctrl-C in a terminal reaches the node twice (the process group and `ros2 launch` forwarding it): a
-            # second KeyboardInterrupt must not cut the shutdown short
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-            # after the bridge: on Ctrl-C the context is already shut down and /rosout is gone
+            # after the bridge: the package's last lines go to stderr, whatever state /rosout is in
             if node.core is not None:
                 node.core.shutdown()
             executor.shutdown()
