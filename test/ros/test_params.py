@@ -133,3 +133,13 @@ def test_package_xml_and_cmake_build_the_messages():
         assert f'"msg/{msg.name}"' in cmake
     assert "rosidl_generate_interfaces(${PROJECT_NAME}" in cmake and "DEPENDENCIES std_msgs sensor_msgs vision_msgs" in cmake
     assert (ROOT / "resource" / "pdlm_ros").exists()
+
+
+def test_docs_parameter_table_lists_every_parameter_with_its_default():
+    rows = [ln.split("|")[1:4] for ln in (ROOT / "docs" / "ros.md").read_text().splitlines()
+            if ln.startswith("| `") and ln.count("|") >= 6]
+    table = {name.strip().strip("`"): default.strip().strip("`") for name, _, default in rows}
+    for p in PARAMS:
+        shown = f'"{p.default}"' if isinstance(p.default, str) else str(p.default).lower() \
+            if isinstance(p.default, bool) else repr(p.default)
+        assert table.get(p.name) == shown, f"docs/ros.md: parameter {p.name} missing or with another default"
