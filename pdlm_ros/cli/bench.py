@@ -212,7 +212,7 @@ def plot_report(report: Any, path: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pdlm_ros.eval.bench import BenchSettings, run_bench
+    from pdlm_ros.eval.bench import BENCH_MODES, BenchSettings, run_bench
 
     setup_logging(args.verbose)
     set_threads(args.threads)
