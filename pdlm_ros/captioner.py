@@ -124,8 +124,13 @@ class Captioner:
     # -------------------------------------------------------------------------------------------------------------
     def caption(self, image: object, regions: Sequence[RegionInput], *, mode: str = "auto",
                 steps: int | None = None, threshold: float | None = None, temperature: float | None = None,
-                seed: int | None = None, sampler: str | None = None, refresh: int | None = None) -> FrameResult:
+                seed: int | None = None, sampler: str | None = None, refresh: int | None = None,
+                prompt: str | None = None) -> FrameResult:
+        """Caption every region. `prompt` replaces the model's instruction for this call: the question of an
+        official checkpoint, the text after the visual tokens of a native one (a native checkpoint with a chat
+        template keeps its prompt)."""
         mode = self.resolve_mode(mode)
+        prompt_ids = self._prompt_ids(prompt)
         if self.layout != "official" and (sampler is not None or refresh is not None):
             raise ConfigError("sampler and refresh apply to official-layout checkpoints only")
         sampler = "global" if sampler is None else sampler
@@ -161,11 +166,12 @@ class Captioner:
         cost = {"decoded_tokens": 0, "sequence_len": 0}
         if prepared and self.layout == "official":
             nfe, tokens = self._decode_official(rgb, prepared, mode, sampler, refresh or 4, steps, threshold,
-                                                temperature, generator, decoded, timings, cost)
+                                                temperature, generator, decoded, timings, cost, prompt)
         elif prepared:
             with torch.inference_mode():
                 mark = self._clock()
-                frame = self.model.encode_frame(rgb)
+                frame = self.model.encode_frame(rgb) if prompt_ids is None else \
+                    self.model.encode_frame(rgb, prompt_ids)
                 timings["vision"], mark = self._lap(mark)
                 roi = self.model.roi_tokens(frame, prepared)
                 timings["roi"], mark = self._lap(mark)
@@ -195,7 +201,7 @@ class Captioner:
     def _decode_official(self, rgb: np.ndarray, prepared: list[PreparedRegion], mode: str, sampler: str,
                          refresh: int, steps: int, threshold: float | None, temperature: float,
                          generator: torch.Generator | None, decoded: dict[int, tuple[str, float]],
-                         timings: dict[str, float], cost: dict[str, int]) -> tuple[int, int]:
+                         timings: dict[str, float], cost: dict[str, int], question: str | None) -> tuple[int, int]:
         """The official layout, pass by pass of at most prompt_numbers masks (request order)."""
         model, cfg = self.model, self.config
         per_pass, length = cfg.official.prompt_numbers, cfg.decoding.caption_len
@@ -208,7 +214,7 @@ class Captioner:
                 part = prepared[start:start + per_pass]
                 mark = self._clock()
                 masks = [r.mask if r.mask is not None else box_mask(r.box, w, h) for r in part]
-                ps = prepare_pass(runner, cfg, self.tokenizer, model.special_tokens, rgb, masks, length)
+                ps = prepare_pass(runner, cfg, self.tokenizer, model.special_tokens, rgb, masks, length, question)
                 dt, mark = self._lap(mark)
                 timings["vision"] += dt
                 try:
@@ -229,6 +235,20 @@ class Captioner:
         return nfe, tokens
 
     # -- helpers --------------------------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: str | None) -> torch.Tensor | None:
+        """Token ids of a native per-request prompt (None: the model's own; official prompts go in as text)."""
+        if not prompt or self.layout == "official":
+            return None
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer, so it takes no per-request prompt")
+        if getattr(self.model, "prompt_prefix_ids", torch.empty(0)).numel():
+            raise ConfigError("this checkpoint builds its prompt from a chat template; it takes no per-request "
+                              "prompt")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if not ids:
+            raise ConfigError(f"prompt {prompt!r} has no tokens")
+        return torch.tensor(ids, dtype=torch.long)
+
     def _logits_fn(self, mode: str, prefix: torch.Tensor, roi: torch.Tensor, cache):  # noqa: ANN001
         model = self.model
         if cache is not None:

@@ -57,6 +57,7 @@ early; that is a parsing step, not a model rule, and is not copied).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -386,9 +387,13 @@ class OfficialPass:
 
 
 def prepare_pass(runner, cfg: PDLMConfig, tokenizer: Tokenizer, special: SpecialTokens,  # noqa: ANN001
-                 rgb: np.ndarray, masks: Sequence[np.ndarray], caption_len: int) -> OfficialPass:
-    """Frame (H, W, 3) uint8 and 1..prompt_numbers boolean masks (H, W) -> the pass's sequence and inputs."""
+                 rgb: np.ndarray, masks: Sequence[np.ndarray], caption_len: int,
+                 question: str | None = None) -> OfficialPass:
+    """Frame (H, W, 3) uint8 and 1..prompt_numbers boolean masks (H, W) -> the pass's sequence and inputs.
+    `question` replaces the configured question (a per-request instruction)."""
     o, v = _official(cfg), cfg.vision
+    if question:
+        o = dataclasses.replace(o, question=question)
     if not 1 <= len(masks) <= o.prompt_numbers:
         raise ValueError(f"a pass takes 1..{o.prompt_numbers} masks (got {len(masks)})")
     dev = runner.device

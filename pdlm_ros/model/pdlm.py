@@ -88,14 +88,15 @@ class PerceptionDLM(nn.Module):
         return TorchRunner(self)
 
     # -- frame ------------------------------------------------------------------------------------------------------
-    def encode_frame(self, rgb: np.ndarray) -> EncodedFrame:
-        """rgb (H, W, 3) uint8 -> visual tokens, RoI feature map and prefix embeddings."""
+    def encode_frame(self, rgb: np.ndarray, prompt_ids: torch.Tensor | None = None) -> EncodedFrame:
+        """rgb (H, W, 3) uint8 -> visual tokens, RoI feature map and prefix embeddings. prompt_ids (Pt,) replace
+        the text after the visual tokens (a per-request instruction)."""
         views = make_views(rgb, self.cfg.vision)
         dtype = self.decoder.wte.weight.dtype
         feats = self.vision(views.pixels.to(self.device, dtype))  # (V, g, g, Cv)
         visual = self.connector(pixel_unshuffle(feats, self.cfg.vision.unshuffle)).flatten(0, 1)  # (Pv, C)
         before = self.decoder.wte(self.prompt_prefix_ids)  # (Pb, C), empty without a chat template
-        prompt = self.decoder.wte(self.prompt_ids)  # (Pt, C)
+        prompt = self.decoder.wte(self.prompt_ids if prompt_ids is None else prompt_ids.to(self.device))  # (Pt, C)
         return EncodedFrame(visual, stitch_tiles(feats, views), torch.from_numpy(rgb),
                             torch.cat([before, visual, prompt]))
 

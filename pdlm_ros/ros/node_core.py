@@ -406,7 +406,7 @@ class NodeCore:
         self.health.frame((self._clock() - t0) * 1000.0, len(regions))
         return out
 
-    def _caption(self, rgb: Any, regions: list[RegionInput]) -> FrameResult:
+    def _caption(self, rgb: Any, regions: list[RegionInput], prompt: str | None = None) -> FrameResult:
         p = self.params
         with self._model_lock:
             if self.captioner is None:
@@ -416,6 +416,8 @@ class NodeCore:
                 extra["sampler"] = p.decoding_sampler
             if p.decoding_refresh:
                 extra["refresh"] = p.decoding_refresh
+            if prompt:
+                extra["prompt"] = prompt
             uses_threshold = "threshold" in (p.decoding_mode, p.decoding_sampler)
             return self.captioner.caption(
                 rgb, regions, mode=p.decoding_mode, steps=p.decoding_steps or None,
@@ -428,13 +430,11 @@ class NodeCore:
         (ConfigError, ImageInputError) with the reason when the request cannot be served."""
         if self.state != "active":
             raise ConfigError(f"node is {self.state}; descriptions need it active")
-        if prompt:
-            raise ConfigError("this model takes no per-request prompt (leave 'prompt' empty)")
         msg = image_msg if image_msg is not None else self.latest_image
         if msg is None:
             raise ImageInputError("no image in the request and none received yet on the image topic")
         rgb = image_from_compressed(msg) if msg.__msgtype__ == M.COMPRESSED_IMAGE else image_from_msg(msg)
-        result = self._caption(rgb, regions)
+        result = self._caption(rgb, regions, prompt or None)
         self.health.count("describe_requests")
         return caption_array_msg(result, msg.header)
 

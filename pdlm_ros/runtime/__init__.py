@@ -255,6 +255,9 @@ class GraphCaptioner(Captioner):
     def caption(self, image: object, regions: Sequence[RegionInput], *, mode: str = "auto",
                 **kwargs: Any) -> FrameResult:
         mode = self.resolve_mode(mode)
+        if kwargs.get("prompt") and self.layout != "official":
+            raise ConfigError(f"the {self.backend.kind} backend has the prompt built into its vision graph; it takes "
+                              "no per-request prompt (use backend torch)")
         if mode not in CACHED_MODES + OFFICIAL_MODES:
             raise ConfigError(f"mode {mode!r} recomputes the whole sequence every step and has no exported graph; "
                               f"the {self.backend.kind} backend runs {', '.join(CACHED_MODES)} "

@@ -159,3 +159,39 @@ def test_caption_cli_errors_are_one_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pdlm_ros.cli", "caption", str(tmp_path / "x.png"), "--box", "1,2"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "four comma-separated numbers" in bad.stderr
+
+
+def test_per_request_prompt_changes_the_prefix_and_is_checked():
+    """A native prompt replaces the text after the visual tokens; an official one the question."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pdlm_ros import Captioner
+    from pdlm_ros.model.checkpoint import load_pretrained
+
+    cap = Captioner.load(preset="tiny", seed=0)
+    rgb = np.full((64, 96, 3), 150, dtype=np.uint8)
+    reg = [RegionInput(box=(5, 5, 50, 50))]
+    with torch.inference_mode():
+        own = cap.model.encode_frame(rgb).prefix
+        other = cap.model.encode_frame(rgb, torch.tensor(cap.tokenizer.encode("the region", add_special_tokens=False).ids)).prefix
+    assert other.shape[0] == own.shape[0] - 2  # "describe the region ." -> "the region"
+    assert cap.caption(rgb, reg, prompt="the region").regions[0].ok
+    with pytest.raises(ConfigError, match="has no tokens"):
+        cap.caption(rgb, reg, prompt="   ")
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "official"
+    model, tok = load_pretrained(fixtures / "checkpoint", dtype=torch.float32)
+    off = Captioner(model, tok)
+    a = off.caption(rgb, reg, steps=2)
+    b = off.caption(rgb, reg, steps=2, prompt="What colour is the masked region?")
+    assert a.regions[0].ok and b.regions[0].ok
+    from pdlm_ros.model.official import prepare_pass
+
+    masks = [np.ones((64, 96), dtype=bool)]
+    p1 = prepare_pass(model.official_runner(), model.cfg, tok, model.special_tokens, rgb, masks, 4)
+    p2 = prepare_pass(model.official_runner(), model.cfg, tok, model.special_tokens, rgb, masks, 4, "What colour?")
+    assert not torch.equal(p1.seq.ids, p2.seq.ids)

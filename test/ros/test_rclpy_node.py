@@ -268,8 +268,10 @@ def test_enable_and_describe_services(harness):
     assert res.captions.regions[0].caption and res.captions.regions[0].caption == res.captions.regions[1].caption
     bad = h.call(describe, DescribeRegions.Request(image=_to_ros(img), boxes=[box], ids=["1", "2"]))
     assert not bad.success and "'ids' has 2 entries for 1 boxes" in bad.message
-    prompt = h.call(describe, DescribeRegions.Request(image=_to_ros(img), boxes=[box], prompt="colour?"))
-    assert not prompt.success and "prompt" in prompt.message
+    prompt = h.call(describe, DescribeRegions.Request(image=_to_ros(img), boxes=[box], prompt="describe the region ."))
+    assert prompt.success and prompt.captions.regions[0].caption, prompt.message
+    empty = h.call(describe, DescribeRegions.Request(image=_to_ros(img), boxes=[box], prompt="   "))
+    assert not empty.success and "has no tokens" in empty.message
 
     off = h.call(enable, SetBool.Request(data=False))
     assert off.success and h.node.core.enabled is False
