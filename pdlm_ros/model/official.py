@@ -69,6 +69,7 @@ from tokenizers import Tokenizer
 from pdlm_ros.errors import CheckpointError
 from pdlm_ros.model.config import OfficialConfig, PDLMConfig
 from pdlm_ros.model.vision import pixel_unshuffle
+from pdlm_ros.types import OFFICIAL_SAMPLERS
 
 __all__ = ["tile_grid", "make_official_views", "area_order", "mask_patches", "mask_boxes", "prompt_text",
            "SpecialTokens", "roi_align", "merge_tiles", "roi_boxes", "attention_rule", "OfficialSequence",
@@ -475,11 +476,10 @@ def masked_diffusion_loss(runner, cfg: PDLMConfig, tokenizer: Tokenizer, special
 
 
 # -- decoding modes ------------------------------------------------------------------------------------------------
-from pdlm_ros.types import OFFICIAL_SAMPLERS  # noqa: E402 (torch-free names, shared with the CLI and node)
 
 
 class _Forward:
-    """Caption tokens (M,) -> logits (M, K) for one pass; `flops_tokens` counts token-layer passes (for NFE cost)."""
+    """Caption tokens (M,) -> logits (M, K) for one pass; `tokens_computed` counts the tokens the decoder ran."""
 
     def __init__(self, runner, ps: OfficialPass) -> None:  # noqa: ANN001
         self.runner, self.ps = runner, ps
