@@ -77,6 +77,7 @@ class ReplayOptions:
     cache: bool = True
     cache_max_age_s: float = NodeParams.cache_max_age
     cache_iou_threshold: float = NodeParams.cache_iou_threshold
+    cache_untracked_iou: float = NodeParams.cache_untracked_iou
 
     @property
     def region_topic(self) -> str:
@@ -275,7 +276,8 @@ def replay(bag_path: Path | str, out: Path | str, captioner: CaptionerLike, opti
         skipped: list[SkippedMessage] = []
         previews: dict[int, bytes] = {}
         output = _Output(out_bag, bag)
-        cache = CaptionCache(options.cache_max_age_s, options.cache_iou_threshold) if options.cache else None
+        cache = CaptionCache(options.cache_max_age_s, options.cache_iou_threshold,
+                             untracked_iou=options.cache_untracked_iou) if options.cache else None
         bar = None
         if progress:
             from tqdm import tqdm

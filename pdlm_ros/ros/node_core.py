@@ -106,6 +106,30 @@ def load_captioner(p: NodeParams) -> Any:
                         preset=p.preset or None, device=device, seed=p.seed, engine_root=engine_root())
 
 
+def read_class_names(path: str) -> list[str]:
+    """A labels file: one class name per line, line i naming class id i (blank lines keep their index)."""
+    if not path:
+        return []
+    try:
+        names = [line.strip() for line in Path(path).expanduser().read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"parameter 'regions.class_names': cannot read labels file {path!r}: {err}") from None
+    if not any(names):
+        raise ConfigError(f"parameter 'regions.class_names': labels file {path!r} names no class")
+    return names
+
+
+def name_classes(regions: list[RegionInput], names: list[str]) -> list[RegionInput]:
+    """Numeric class ids found in `names` replaced by the name; other ids unchanged."""
+    out = []
+    for reg in regions:
+        cid = reg.class_id.strip()
+        if cid.isdigit() and int(cid) < len(names) and names[int(cid)]:
+            reg = dataclasses.replace(reg, class_id=names[int(cid)])
+        out.append(reg)
+    return out
+
+
 def _resolved_mode(captioner: Any, mode: str) -> str:
     """The mode `auto` stands for with this captioner (parallel, or official for the released PerceptionDLM)."""
     resolve = getattr(captioner, "resolve_mode", None)
@@ -145,7 +169,9 @@ class NodeCore:
         self.health = NodeHealth(clock=clock)
         self.throttle = Throttle(log, params.log_throttle, clock)
         self.sync: StampSync[Any, Any] = StampSync(params.sync_slop, params.sync_queue_size)
-        self.cache = CaptionCache(params.cache_max_age, params.cache_iou_threshold, params.cache_max_tracks)
+        self.cache = CaptionCache(params.cache_max_age, params.cache_iou_threshold, params.cache_max_tracks,
+                                  params.cache_untracked_iou)
+        self.class_names: list[str] = []  # regions.class_names, read at configure
         self._cond = threading.Condition()
         self._slot: tuple[Pair[Any, Any], float] | None = None  # the newest pair and when it became complete
         self._busy = False
@@ -163,6 +189,7 @@ class NodeCore:
 
     def configure(self) -> None:
         self._require("unconfigured")
+        self.class_names = read_class_names(self.params.regions_class_names)  # before the (slow) model load
         log.info("[%s] configuring: loading the model", self.name)
         self.captioner = self._loader(self.params)
         log.info("[%s] model %s loaded", self.name, getattr(self.captioner, "name", "?"))
@@ -324,6 +351,8 @@ class NodeCore:
             p = self.params
             if p.regions_box_width:  # boxes of a detector that saw a resized copy of the image
                 regions = scale_regions(regions, width / p.regions_box_width, height / p.regions_box_height)
+            if self.class_names:
+                regions = name_classes(regions, self.class_names)
             return regions
         regions = regions_from_instance_mask(msg)
         if regions and regions[0].mask is not None and regions[0].mask.shape != (height, width):

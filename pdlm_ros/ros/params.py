@@ -71,6 +71,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               (0, 100000)),
     ParamSpec("regions.box_height", 0, int, "height in pixels of the image the detection boxes refer to; 0: the "
               "camera image itself", (0, 100000)),
+    ParamSpec("regions.class_names", "", str, "labels file naming numeric class ids, one name per line (line 0 = "
+              "class 0); empty: class ids as the detector publishes them"),
     ParamSpec("input.compressed", False, bool, "subscribe to image/compressed (sensor_msgs/CompressedImage) "
               "instead of image"),
     ParamSpec("input.qos", "sensor_data", str, "input QoS: sensor_data (best effort, matches every publisher) or "
@@ -87,6 +89,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("cache.iou_threshold", 0.5, float, "re-describe a tracked region when the IoU of its box with the "
               "box it was described at drops below this", (0.0, 1.0)),
     ParamSpec("cache.max_tracks", 512, int, "tracks remembered (oldest forgotten first)", (1, 100000)),
+    ParamSpec("cache.untracked_iou", 0.9, float, "regions without a track id reuse a caption of the same class whose "
+              "box overlaps this much (IoU); 0: they are described every frame", (0.0, 1.0)),
     # outputs and housekeeping
     ParamSpec("annotated.enabled", True, bool, "publish annotated_image (only while someone subscribes)"),
     ParamSpec("annotations.enabled", True, bool, "publish annotations (foxglove_msgs/ImageAnnotations: box outlines "
@@ -155,6 +159,7 @@ class NodeParams:
     regions_source: str = "detections"
     regions_box_width: int = 0
     regions_box_height: int = 0
+    regions_class_names: str = ""
     input_compressed: bool = False
     input_qos: str = "sensor_data"
     input_depth: int = 5
@@ -165,6 +170,7 @@ class NodeParams:
     cache_max_age: float = 2.0
     cache_iou_threshold: float = 0.5
     cache_max_tracks: int = 512
+    cache_untracked_iou: float = 0.9
     annotated_enabled: bool = True
     annotations_enabled: bool = True
     diagnostics_period: float = 1.0

@@ -354,3 +354,37 @@ def test_a_pause_while_inactive_is_not_an_image_stream_gap(tiny_captioner):
     feed(node, *frame(2_000 * MS, BOXES))
     assert node.health.snapshot()[1]["image_stream_gap"] == 0
     node.shutdown()
+
+
+def test_regions_without_ids_reuse_captions_by_box_and_class(make_node):
+    """Detectors without track ids: a still object is described once, then served from the cache by its box."""
+    boxes = [("", (5.0, 5.0, 35.0, 30.0)), ("", (50.0, 20.0, 70.0, 60.0))]
+    node, out = make_node()
+    feed(node, *frame(1_000 * MS, boxes, seed=0))
+    feed(node, *frame(1_100 * MS, boxes, seed=0))
+    first, second = out.on("captions")
+    assert [r.cached for r in first.regions] == [False, False] and first.nfe > 0
+    assert [r.cached for r in second.regions] == [True, True] and second.nfe == 0
+    assert [r.caption for r in second.regions] == [r.caption for r in first.regions]
+    moved = [("", (5.0, 5.0, 35.0, 30.0)), ("", (55.0, 25.0, 75.0, 65.0))]  # IoU with its old box < 0.9
+    feed(node, *frame(1_200 * MS, moved, seed=0))
+    assert [r.cached for r in out.on("captions")[2].regions] == [True, False]
+    node_off, out_off = make_node(**{"cache.untracked_iou": 0.0})
+    feed(node_off, *frame(1_000 * MS, boxes, seed=0))
+    feed(node_off, *frame(1_100 * MS, boxes, seed=0))
+    assert [r.cached for r in out_off.on("captions")[1].regions] == [False, False]
+
+
+def test_numeric_class_ids_are_named_from_a_labels_file(make_node, tmp_path):
+    from pdlm_ros.errors import ConfigError
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("person\nbicycle\ncar\n")
+    node, out = make_node(**{"regions.class_names": str(labels)})
+    image, dets = frame(1_000 * MS, BOXES, seed=0)
+    for k, det in enumerate(dets.detections):
+        det.results[0].hypothesis.class_id = ["2", "7"][k]  # 7 is past the file: kept as is
+    feed(node, image, dets)
+    assert [r.class_id for r in out.on("captions")[0].regions] == ["car", "7"]
+    with pytest.raises(ConfigError, match="cannot read labels file"):
+        make_node(**{"regions.class_names": str(tmp_path / "missing.txt")})
