@@ -159,7 +159,7 @@ def test_launch_with_remaps_and_params_file_proof_of_life(ros2_env, tmp_path):
 
 def test_ros2_bag_play_of_a_replayed_bag(ros2_env, tmp_path, tiny_captioner):
     """A bag written by `pdlm-ros replay` (rosbags, no ROS) plays with `ros2 bag play`: captions and foxglove
-    annotations reach a live subscriber with the stamps they were recorded with."""
+    annotations reach a live subscriber, and `ros2 topic echo`, with the stamps they were recorded with."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
@@ -195,6 +195,12 @@ def test_ros2_bag_play_of_a_replayed_bag(ros2_env, tmp_path, tiny_captioner):
             return len(caps) >= 3 and anns
 
         RH.wait_for(heard, 60, "captions and annotations from ros2 bag play")
+        # and to the command line tool itself, as a user would watch it
+        echo = _ros2("topic", "echo", "--once", "/pdlm/captions", "pdlm_ros/msg/RegionCaptionArray", timeout=60)
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        assert "regions:" in echo.stdout and "caption:" in echo.stdout, echo.stdout
+        echoed_sec = int(echo.stdout.split("sec:", 1)[1].split()[0])
+        assert echoed_sec in {sec for sec, _ in recorded}, echo.stdout
     finally:
         os.killpg(play.pid, signal.SIGINT)
         out = play.communicate(timeout=30)[0]
