@@ -67,7 +67,9 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from pdlm_ros.errors import CheckpointError
+from pdlm_ros.model.attention import segment_mask
 from pdlm_ros.model.config import OfficialConfig, PDLMConfig
+from pdlm_ros.model.regions import mask_box
 from pdlm_ros.model.vision import pixel_unshuffle
 from pdlm_ros.types import OFFICIAL_SAMPLERS
 
@@ -141,9 +143,11 @@ def mask_boxes(masks: Sequence[np.ndarray]) -> list[tuple[float, float, float, f
     out = []
     for m in masks:
         h, w = m.shape
-        ys = np.flatnonzero(m.any(axis=1))
-        xs = np.flatnonzero(m.any(axis=0))
-        out.append((xs[0] / w, ys[0] / h, xs[-1] / w, ys[-1] / h))
+        box = mask_box(m)  # exclusive ends
+        if box is None:
+            raise ValueError("an empty mask has no box")
+        x1, y1, x2, y2 = box
+        out.append((x1 / w, y1 / h, (x2 - 1) / w, (y2 - 1) / h))
     return out
 
 
@@ -433,8 +437,7 @@ def isolated_rule(t: int, roi_spans: Sequence[tuple[int, int]], block_spans: Seq
     for k, ((r0, r1), (b0, b1)) in enumerate(zip(roi_spans, block_spans), start=1):
         segment[r0:r1] = k
         segment[b0:b1] = k
-    q, kv = segment[:, None], segment[None, :]
-    return (kv == 0) | (q == kv)
+    return segment_mask(segment)  # the native rule, on these segments
 
 
 def box_mask(box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
