@@ -16,6 +16,7 @@ __all__ = [
     "EngineError",
     "JudgeError",
     "DatasetError",
+    "Cancelled",
 ]
 
 
@@ -53,3 +54,7 @@ class JudgeError(PDLMError):
 
 class DatasetError(PDLMError, ValueError):
     """A dataset is empty or malformed."""
+
+
+class Cancelled(PDLMError):
+    """Work stopped on request before it finished (a node shutting down in the middle of a frame)."""

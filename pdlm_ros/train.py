@@ -24,17 +24,20 @@ import logging
 import math
 import random
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pdlm_ros.errors import CheckpointError, ConfigError, DatasetError
 from pdlm_ros.model.checkpoint import check_keys, load_pretrained, read_safetensors, save_pretrained
 from pdlm_ros.model import official
+from pdlm_ros.model.ar_baseline import next_token_loss
 from pdlm_ros.model.config import preset as get_preset
 from pdlm_ros.model.pdlm import PerceptionDLM
 from pdlm_ros.model.regions import PreparedRegion
@@ -59,6 +62,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     noise_draws: int = 2  # noise draws per region per scene (reuses the frame's prefix pass)
     box_fraction: float = 0.5  # share of regions given as boxes (the rest as instance masks)
+    augment: float = 0.0  # share of scenes given camera-like changes (`photometric_jitter`) before encoding
+    objective: str = "diffusion"  # diffusion, or ar: the autoregressive twin (same modules, causal, next token)
     seed: int = 0
     save_every: int = 100
     eval_every: int = 250
@@ -85,6 +90,10 @@ class TrainConfig:
             ("grad_clip", self.grad_clip > 0, "a number > 0"),
             ("noise_draws", self.noise_draws >= 1, "an integer >= 1"),
             ("box_fraction", 0 <= self.box_fraction <= 1, "between 0 and 1"),
+            ("augment", 0 <= self.augment <= 1, "between 0 and 1"),
+            ("objective", self.objective in ("diffusion", "ar") and (self.objective == "diffusion"
+                                                                   or (self.layout == "native" and not self.init)),
+             "diffusion, or ar (a new native-layout model only)"),
             ("seed", self.seed >= 0, "an integer >= 0"),
             ("save_every", self.save_every >= 1, "an integer >= 1"),
             ("eval_every", self.eval_every >= 0, "an integer >= 0 (0 = no evaluation)"),
@@ -115,7 +124,7 @@ _STATE_TYPES = {"step": (int,), "seconds": (int, float), "curve": (list,), "eval
 _OPT_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})  # AdamW's per-parameter state
 # fields whose change makes a resumed run differ from an uninterrupted one (data order, schedule, loss)
 _EXACT_FIELDS = ("preset", "steps", "scenes_per_step", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip",
-                 "noise_draws", "box_fraction", "seed", "layout", "init", "rule")
+                 "noise_draws", "box_fraction", "augment", "objective", "seed", "layout", "init", "rule")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -132,6 +141,23 @@ def scene_regions(scene, rng: random.Random, box_fraction: float) -> list[Prepar
         as_box = rng.random() < box_fraction
         regions.append(PreparedRegion(i, tuple(float(v) for v in obj.box), None if as_box else obj.mask))
     return regions
+
+
+def photometric_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Camera-like changes the scene renderer never makes: contrast and brightness, defocus blur, sensor noise.
+
+    Small enough to keep every colour word true (a shift of 15 levels never turns red into pink). Masks and boxes
+    are unchanged: only the pixels move.
+    """
+    img = image.astype(np.float32)
+    if rng.random() < 0.6:
+        img = (img - 128.0) * rng.uniform(0.8, 1.2) + 128.0 + rng.uniform(-15, 15)
+    if rng.random() < 0.4:
+        pil = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
+        img = np.asarray(pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.2))), dtype=np.float32)
+    if rng.random() < 0.4:
+        img = img + rng.standard_normal(img.shape[:2], dtype=np.float32)[..., None] * rng.uniform(3, 14)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
 def caption_targets(captions: list[str], tokenizer, span_len: int, eos_id: int) -> torch.Tensor:  # noqa: ANN001
@@ -192,6 +218,8 @@ def build_model(cfg: TrainConfig):  # noqa: ANN201
         raise ConfigError("--rule applies to the official layout only (add --layout official)")
     name = cfg.preset if cfg.layout == "native" else f"{cfg.preset}-official"
     model_cfg = get_preset(name)
+    if cfg.objective == "ar":
+        model_cfg = dataclasses.replace(model_cfg, name=f"{model_cfg.name}-ar", objective="ar")
     tokenizer = build_tiny_official_tokenizer() if model_cfg.official is not None else build_tiny_tokenizer()
     torch.manual_seed(cfg.seed)
     model = PerceptionDLM(model_cfg, tokenizer.encode(model_cfg.prompt, add_special_tokens=False).ids)
@@ -391,12 +419,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             scene = generate_scene(seed)
             rng = random.Random(seed)
             regions = scene_regions(scene, rng, cfg.box_fraction)
+            image = scene.image
+            if cfg.augment and rng.random() < cfg.augment:
+                image = photometric_jitter(image, np.random.default_rng(seed))
             targets = caption_targets([o.caption for o in scene.objects], tokenizer, span, eos)
             gen = torch.Generator().manual_seed(seed)
             if model_cfg.official is not None:
-                loss = official_scene_loss(model, tokenizer, scene.image, regions, targets, gen, cfg.rule or "official")
+                loss = official_scene_loss(model, tokenizer, image, regions, targets, gen, cfg.rule or "official")
+            elif model_cfg.objective == "ar":
+                loss = next_token_loss(model, image, regions, targets, eos)
             else:
-                loss = masked_diffusion_loss(model, scene.image, regions, targets, cfg.noise_draws, gen)
+                loss = masked_diffusion_loss(model, image, regions, targets, cfg.noise_draws, gen)
             (loss / cfg.scenes_per_step).backward()
             total += loss.item() / cfg.scenes_per_step
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

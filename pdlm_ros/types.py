@@ -12,14 +12,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["MODES", "NATIVE_MODES", "OFFICIAL_MODES", "OFFICIAL_SAMPLERS", "CACHED_MODES", "RegionInput", "RegionCaption", "FrameStats", "FrameResult", "CaptionerLike"]
+__all__ = ["MODES", "NATIVE_MODES", "OFFICIAL_MODES", "AR_MODES", "OFFICIAL_SAMPLERS", "CACHED_MODES", "RegionInput", "RegionCaption", "FrameStats", "FrameResult", "CaptionerLike"]
 
 # Decoding modes (pdlm_ros.captioner documents each); here so that torch-free modules (node params, CLI) share them.
 # `auto` is the checkpoint layout's default: parallel for native models, official for the released PerceptionDLM.
 NATIVE_MODES = ("parallel", "threshold", "sequential", "sequential_nocache", "parallel_nocache", "nomask")
 OFFICIAL_MODES = ("official", "isolated", "cached")
+AR_MODES = ("ar",)  # the autoregressive twin (a checkpoint with objective ar): one region at a time, KV cache
 OFFICIAL_SAMPLERS = ("global", "span", "threshold")  # how official-layout modes commit tokens
-MODES = ("auto",) + NATIVE_MODES + OFFICIAL_MODES
+MODES = ("auto",) + NATIVE_MODES + OFFICIAL_MODES + AR_MODES
 CACHED_MODES = ("parallel", "threshold", "sequential")  # the modes that decode against the prefix K/V cache
 
 
@@ -37,6 +38,7 @@ class RegionInput:
     source_index: int = -1
     class_id: str = ""
     score: float = math.nan
+    refusal: str = ""  # non-empty: refuse this region with this reason, unlooked at (message conversion, budget)
 
 
 @dataclass(frozen=True)

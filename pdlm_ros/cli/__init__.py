@@ -21,12 +21,16 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("eval", "evaluate", "score captions ParaDLC-style on a held-out generated set"),
     ("node", "node", "run the ROS 2 node (rclpy or ROS-less DDS transport)"),
     ("replay", "replay", "caption every image/detection pair of a bag and write a captioned bag + reports"),
+    ("replay-many", "replay_many", "replay many bags on a Ray cluster (or a local Ray), with one merged report"),
     ("make-sample-bag", "sample_bag", "write a bag of generated moving scenes with tracked detections"),
+    ("repair-bag", "repair_bag", "make a rosbag2 MCAP directory left by a crash readable (metadata, indexes)"),
     ("bench", "bench", "benchmark parallel vs sequential vs autoregressive decoding"),
+    ("compare-ar", "compare_ar", "the diffusion model against its autoregressive twin: accuracy and speed"),
     ("compare-modes", "compare_modes", "accuracy and speed of every decoding mode of an official checkpoint"),
     ("bench-load", "bench_load", "peak memory of loading a sharded checkpoint, against its weight bytes"),
     ("export", "export", "export ONNX graphs (vision, prefix, denoising step)"),
     ("build-engine", "build_engine", "build TensorRT engines from exported ONNX graphs"),
+    ("soak", "soak", "run the node over DDS under a camera overload and report memory and latency over time"),
 ]
 
 
@@ -60,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                                   epilog=getattr(mod, "EXAMPLES", None),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     mod.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    rest = argv[1:]
+    if hasattr(mod, "normalize_argv"):  # a subcommand's own spelling rules (values that start with "-")
+        rest = mod.normalize_argv(rest)
+    args = sub.parse_args(rest)
     from pdlm_ros.errors import PDLMError
 
     try:

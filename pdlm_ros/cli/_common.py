@@ -52,8 +52,11 @@ def emit_json(doc: Any, target: str) -> None:
     if target == "-":
         sys.stdout.write(text + "\n")
     else:
-        with open(target, "w") as f:
-            f.write(text + "\n")
+        try:
+            with open(target, "w") as f:
+                f.write(text + "\n")
+        except OSError as err:
+            raise ConfigError(f"cannot write the JSON file {target}: {err.strerror or err}") from None
 
 
 def load_captioner(args: argparse.Namespace):  # noqa: ANN201

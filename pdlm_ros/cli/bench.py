@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   pdlm-ros bench --preset tiny --regions 1,4 --repeats 1               # a quick look
   pdlm-ros bench --preset 8b --device cuda --dtype bfloat16 --json     # real shape, random weights, on a GPU
   pdlm-ros bench --checkpoint pdlm_ros/assets/default --modes parallel,threshold
+  pdlm-ros bench --preset small --cross-frame 1,2,4 --json cross_frame.json  # F frames x 4 regions in one pass
 """
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,6 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trained model for the threshold-mode NFE check on held-out scenes ('auto': the bundled "
                         "model when present; 'none': skip)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP/s measurement of the denoising step")
+    p.add_argument("--cross-frame", metavar="F,F,...",
+                   help="instead of the mode table: F frames captioned in one pass (Captioner.caption_frames) "
+                        "against one frame at a time, tokens/s and their ratio for each F, e.g. 1,2,4")
+    p.add_argument("--cross-frame-regions", type=int, default=4, metavar="N",
+                   help="regions per frame for --cross-frame (default: %(default)s)")
     add_threads_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the frames")
     add_json_option(p)
@@ -220,7 +226,11 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1 (got {args.steps})")
+    if args.cross_frame:
+        args.threshold_checkpoint = "none"  # not part of this measurement
     cap, thr_model = load_models(args, device, dtype)
+    if args.cross_frame:
+        return _run_cross_frame(cap, args)
     if cap.layout == "official":
         return _run_official(cap, args)
     settings = BenchSettings(regions=parse_int_list(args.regions, "--regions"),
@@ -268,6 +278,36 @@ def _run_official(cap: Any, args: argparse.Namespace) -> int:
     text = f"model {report.model} ({report.dtype}); {report.machine['device']} ({report.machine['cpu']}); " \
            f"{report.frame_size[0]}x{report.frame_size[1]} frames; refresh {report.refresh}; {report.created}\n" \
            + report.table()
+    if args.json:
+        emit_json(report.to_dict(), args.json)
+    print(text, file=sys.stderr if args.json == "-" else sys.stdout)
+    return 0
+
+
+def _run_cross_frame(cap: Any, args: argparse.Namespace) -> int:
+    """`--cross-frame`: several frames' regions in one pass against one frame at a time (`run_cross_frame_bench`)."""
+    from pdlm_ros.eval.bench import run_cross_frame_bench
+
+    if cap.layout == "official":
+        raise ConfigError("--cross-frame needs a native checkpoint or preset: official-layout checkpoints caption "
+                          "one frame at a time (their rule makes the regions of a pass meet)")
+    if args.cross_frame_regions < 1:
+        raise ConfigError(f"--cross-frame-regions must be >= 1 (got {args.cross_frame_regions})")
+
+    def on_row(r: Any) -> None:
+        print(f"{r.frames} frames x {r.regions}: {r.batched_tokens_per_s:.1f} vs {r.one_by_one_tokens_per_s:.1f} "
+              f"tokens/s ({r.ratio:.2f}x)", file=sys.stderr)
+
+    report = run_cross_frame_bench(cap, parse_int_list(args.cross_frame, "--cross-frame"), args.cross_frame_regions,
+                                   steps=args.steps, repeats=args.repeats, frame_size=parse_size(args.frame_size),
+                                   seed=args.seed, max_cell_s=args.max_cell_seconds or None, on_row=on_row)
+    m, mach = report.model, report.machine
+    device = mach.get("gpu") or f"{mach['cpu']}, {mach['torch_threads']} threads"
+    text = (f"model {m['name']} ({m['parameters'] / 1e6:.1f} M parameters, {m['dtype']}, attention "
+            f"{m['attn_impl']}, max_regions {m['max_regions']})\n"
+            f"device {mach['device']} ({device}); torch {report.torch_version}; commit {report.git_commit}; "
+            f"{report.date_utc}\n{report.frame_size[0]}x{report.frame_size[1]} frames, {report.steps} steps; "
+            "ratio = batched / one-by-one tokens per second\n" + report.table())
     if args.json:
         emit_json(report.to_dict(), args.json)
     print(text, file=sys.stderr if args.json == "-" else sys.stdout)

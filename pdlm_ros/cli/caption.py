@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -15,8 +17,28 @@ from pdlm_ros.types import MODES, RegionInput
 
 EXAMPLES = """examples:
   pdlm-ros caption scene.png --box 10,20,80,90 --box 100,40,150,120
+  pdlm-ros caption scene.png --box -50,-50,30,30        # partly outside the image: clipped
   pdlm-ros caption scene.png --mask cup.png --json
 """
+
+_NUMBERS = re.compile(r"^-[\d.]")  # "-50,-50,30,30": a box, not an option
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """`--box -50,...` as `--box=-50,...`: argparse takes a value that starts with "-" for an option unless it is
+    one plain negative number, and a box is four."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":  # everything after it is positional already
+            out += [arg, *it]
+            break
+        nxt = next(it, None) if arg == "--box" else None
+        if nxt is not None and _NUMBERS.match(nxt):
+            out.append(f"--box={nxt}")
+        else:
+            out += [arg] if nxt is None else [arg, nxt]
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,10 +59,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def read_image(path: str) -> np.ndarray:
-    # PIL refuses images over ~179 MP as decompression bombs; this command takes what the model takes.
+    # PIL refuses images over ~179 MP as decompression bombs; this command takes what the model takes, and checks
+    # the size in the header against it before decoding (PIL's own warning would only repeat that).
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageInputError(f"image {path} is {img.width}x{img.height} px, over the limit of {MAX_PIXELS} "
+                                      "pixels")
             img.load()
             if img.mode in ("I;16", "I;16B", "I"):
                 return np.asarray(img).astype(np.uint16)

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "official for the released checkpoint)")
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps (default: the model's, usually the caption length)")
+    parser.add_argument("--scenes", default="heldout", metavar="SET",
+                        help="synthetic scenes to caption: heldout (drawn like the training scenes, unseen seeds; the "
+                             "default), shift (held-out drawing styles the training renderer never uses, all kinds "
+                             "in turn) or shift:KIND for one kind (" + ", ".join(_shift_kinds()) + ")")
     parser.add_argument("--region-kind", choices=REGION_KINDS, default="mask",
                         help="give the model masks or only boxes (default: mask)")
     parser.add_argument("--judge", choices=("rule", "openai"), default=None,
@@ -83,12 +87,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_option(parser)
 
 
-def _heldout_scenes(n: int, seed: int) -> Iterator[Any]:
-    from pdlm_ros.data.scenes import generate_scene, scene_seeds
+def _shift_kinds() -> tuple[str, ...]:
+    from pdlm_ros.data.scenes import STYLE_SHIFTS
 
+    return tuple(STYLE_SHIFTS)
+
+
+def _heldout_scenes(n: int, seed: int, scenes: str = "heldout") -> Iterator[Any]:
+    from pdlm_ros.data.scenes import generate_scene, generate_shift_scene, scene_seeds
+
+    kind = scenes.partition(":")[2] or None
     # Every scene has >= 1 object, so n seeds always give n regions.
     for s in scene_seeds("heldout", n, offset=seed * SEED_WINDOW):
-        yield generate_scene(s)
+        yield generate_scene(s) if scenes == "heldout" else generate_shift_scene(s, kind)[1]
+
+
+def _check_scenes(scenes: str) -> str:
+    """--scenes value -> the report's dataset name; DatasetError naming the choices otherwise."""
+    if scenes == "heldout":
+        return "synthetic-heldout"
+    if scenes == "shift" or (scenes.startswith("shift:") and scenes[6:] in _shift_kinds()):
+        return f"synthetic-{scenes.replace(':', '-')}"
+    raise DatasetError(f"--scenes must be heldout, shift or shift:KIND with KIND one of {', '.join(_shift_kinds())} "
+                       f"(got {scenes!r})")
+
+
+def _confusion_table(d: dict[str, Any], attribute: str) -> Any:
+    from rich.table import Table
+
+    from pdlm_ros.eval.harness import NONE, SEVERAL
+
+    rows = d["confusion"].get(attribute, {})
+    values = list(rows)
+    table = Table(title=f"{attribute}: true value (rows) -> value the caption named (columns), regions",
+                  show_header=True)
+    table.add_column("true")
+    for v in values + [NONE, SEVERAL]:
+        table.add_column(v, justify="right")
+    table.add_column("right", justify="right")
+    for v, row in rows.items():
+        total = sum(row.values())
+        cells = [str(row.get(c, 0)) or "0" for c in values + [NONE, SEVERAL]]
+        table.add_row(v, *cells, f"{100.0 * row.get(v, 0) / total:.1f} %" if total else "n/a")
+    return table
 
 
 def _table(report: Any) -> None:
@@ -117,7 +158,10 @@ def _table(report: Any) -> None:
                                                f"{d['judge_seconds']:.1f})")
     judge = d["judge"]
     table.add_row("judge", " ".join(v for v in (judge["name"], judge["model"], judge["endpoint"]) if v))
-    Console(file=sys.stdout).print(table)
+    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    if d.get("confusion"):
+        console.print(_confusion_table(d, "shape"))
 
 
 def _bench_table(report: Any) -> None:
@@ -211,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.annotations or args.images:
         raise DatasetError("--annotations and --images belong to --bench paradlc|dlcbench")
+    dataset = _check_scenes(args.scenes)
     regions = DEFAULT_REGIONS if args.regions is None else args.regions
     if regions < 1:
         raise DatasetError(f"--regions must be >= 1 (got {regions}): there is nothing to evaluate")
@@ -228,9 +273,9 @@ def run(args: argparse.Namespace) -> int:
     from pdlm_ros.cli._common import load_captioner
 
     captioner = load_captioner(args)  # any backend; --seed picks held-out scenes, not weights
-    report = evaluate(captioner, _heldout_scenes(regions, args.seed), judge, mode=resolve_mode(captioner, args.mode),
-                      region_kind=args.region_kind, progress=progress, limit=regions, seed=args.seed,
-                      steps=args.steps)
+    report = evaluate(captioner, _heldout_scenes(regions, args.seed, args.scenes), judge,
+                      mode=resolve_mode(captioner, args.mode), region_kind=args.region_kind, progress=progress,
+                      limit=regions, seed=args.seed, steps=args.steps, dataset=dataset)
     if args.json is not None:
         _emit(emit_json, report.to_dict(details=args.details), args.json)
     if not to_stdout:

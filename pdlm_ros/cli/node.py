@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -64,4 +65,12 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a signal asks the transport to stop, never raises mid-shutdown
         signal.signal(sig, lambda *_: stop.set())
-    return transport.run(ros_args, stop, log_level=level)
+    code = transport.run(ros_args, stop, log_level=level)
+    from pdlm_ros.ros.node_core import abandoned_workers
+
+    if abandoned_workers():  # a worker still inside a model call: skip the interpreter shutdown it would abort
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from pdlm_ros.errors import BagError, ConfigError
 from pdlm_ros.types import MODES
 from pdlm_ros.cli._common import (add_json_option, add_model_options, add_threads_option, emit_json, load_captioner,
                                   set_threads, setup_logging)
@@ -18,6 +20,9 @@ EXAMPLES = """examples:
 
 output: OUT/bag/ (rosbag2 MCAP: `ros2 bag play OUT/bag`), OUT/report.html, OUT/report.json,
         OUT/latency_vs_regions.png
+
+a killed replay leaves OUT/bag readable with every frame committed before it (at most --checkpoint-every seconds
+of work lost); `pdlm-ros replay ... --resume` with the same arguments continues it.
 """
 
 
@@ -47,10 +52,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="describe every region of every pair (default: reuse tracked regions' captions by the live "
                         "node's cache rules, cache.max_age 2 s and cache.iou_threshold 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier replay output in OUT")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted replay in OUT (same bag, options and model); a new one if none")
+    p.add_argument("--checkpoint-every", type=float, default=None, metavar="SECONDS",
+                   help="commit the output bag after this much work (default 30; 0: after every frame); a kill "
+                        "loses at most this much")
     add_model_options(p)
     add_threads_option(p)
     add_json_option(p)
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def write_report_files(report, out: str):  # noqa: ANN001, ANN201 (ReplayReport -> ReportPaths; lazy imports)
+    """write_reports, with a failed write (a full disk) as one line; a half-written report file is removed."""
+    from pdlm_ros.eval.replay import OUTPUT_BAG, REPORT_FILES
+    from pdlm_ros.eval.report import write_reports
+
+    try:
+        return write_reports(report, out)
+    except OSError as err:
+        for name in REPORT_FILES:
+            (Path(out) / name).unlink(missing_ok=True)
+        raise BagError(f"cannot write the reports in {out}: {err.strerror or err}; the captioned bag "
+                       f"{Path(out) / OUTPUT_BAG} is complete. Free space, then rerun with --overwrite for the "
+                       "reports") from None
 
 
 def print_summary(rows: Sequence[tuple[str, str]], title: str = "replay summary") -> None:
@@ -68,21 +93,35 @@ def print_summary(rows: Sequence[tuple[str, str]], title: str = "replay summary"
 
 def run(args: argparse.Namespace) -> int:
     from pdlm_ros.data.bags import load_annotations
-    from pdlm_ros.eval.replay import ReplayOptions, replay
-    from pdlm_ros.eval.report import build_report, summary_rows, write_reports
+    from pdlm_ros.eval.replay import CHECKPOINT_S, OUTPUT_BAG, ReplayOptions, check_request, replay, replay_state
+    from pdlm_ros.eval.report import build_report, summary_rows
 
     setup_logging(args.verbose)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume exclude each other: start again, or continue")
+    checkpoint_s = CHECKPOINT_S if args.checkpoint_every is None else args.checkpoint_every
+    if not checkpoint_s >= 0:
+        raise ConfigError(f"--checkpoint-every must be >= 0 seconds (got {checkpoint_s})")
     annotations = load_annotations(args.annotations) if args.annotations else None  # fail before the model loads
     detections = args.detections_topic or (None if args.mask_topic else "/detections")
     options = ReplayOptions(image_topic=args.image_topic, detections_topic=detections,
                             mask_topic=args.mask_topic, mode=args.mode, steps=args.steps, annotated=args.annotated,
                             slop_s=args.slop, cache=not args.no_cache, sampler=args.sampler, refresh=args.refresh)
+    # the bag, its topics and OUT are checked before the model loads (minutes for a large one)
+    check_request(args.bag, args.out, options, overwrite=args.overwrite, resume=args.resume)
     set_threads(args.threads)
     captioner = load_captioner(args)
-    result = replay(args.bag, args.out, captioner, options, overwrite=args.overwrite,
-                    progress=sys.stderr.isatty())
+    try:
+        result = replay(args.bag, args.out, captioner, options, overwrite=args.overwrite, resume=args.resume,
+                        progress=sys.stderr.isatty(), checkpoint_s=checkpoint_s)
+    except KeyboardInterrupt:
+        state = replay_state(Path(args.out) / OUTPUT_BAG)
+        if state is not None:
+            print(f"replay interrupted: {Path(args.out) / OUTPUT_BAG} keeps {state.describe()}; rerun with --resume "
+                  "to continue", file=sys.stderr)
+        raise
     report = build_report(result, annotations)
-    paths = write_reports(report, args.out)
+    paths = write_report_files(report, args.out)
     if args.json:
         emit_json({**report.to_dict(), "reports": {"json": str(paths.json), "html": str(paths.html),
                                                    "plot": str(paths.plot)}}, args.json)

@@ -314,12 +314,20 @@ def _bag_paths(out: Path, ros1: bool, overwrite: bool) -> tuple[Path, Path]:
     existing = [p for p in (out, ann) if p.exists() or p.is_symlink()]
     if existing and not overwrite:
         raise BagError(f"output exists already: {', '.join(map(str, existing))} (pass --overwrite to replace it)")
-    for p in existing:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    base = out.parent.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise BagError(f"cannot write {out}: {base} is a file, not a directory")
+    try:
+        for p in existing:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BagError(f"cannot write {out}: {err.strerror or err}") from None
     return out, ann
 
 
@@ -381,16 +389,19 @@ def write_sample_bag(out: Path | str, spec: SampleBagSpec = SampleBagSpec(), *, 
                     put("mask", stamp, _mono16(scene.instance_mask, header), M.IMAGE)
                 put("detections", stamp + DETECTOR_DELAY_NS, C.detection_array_msg(header, regions),
                     M.DETECTION_ARRAY)
-    except BaseException:
+        ann = Annotations(tracks=tracks, frames=tuple(frames), width=spec.width, height=spec.height, fps=spec.fps,
+                          seed=spec.seed, topics=topics)
+        ann_path.write_text(json.dumps(ann.to_dict(), indent=1) + "\n")
+    except BaseException as err:
         if bag_path.is_dir():
             shutil.rmtree(bag_path, ignore_errors=True)
         else:
             bag_path.unlink(missing_ok=True)
+        ann_path.unlink(missing_ok=True)
+        if isinstance(err, OSError):  # a full disk, a read-only mount, no permission
+            raise BagError(f"cannot write {err.filename or bag_path}: {err.strerror or err}; nothing was "
+                           "left behind") from None
         raise
-
-    ann = Annotations(tracks=tracks, frames=tuple(frames), width=spec.width, height=spec.height, fps=spec.fps,
-                      seed=spec.seed, topics=topics)
-    ann_path.write_text(json.dumps(ann.to_dict(), indent=1) + "\n")
     storage = "ros1" if spec.ros1 else spec.storage
     log.info("wrote %s (%s, %d frames, %d detections) and %s", bag_path, storage, spec.frames, detections, ann_path)
     return SampleBag(bag=bag_path, annotations=ann_path, frames=spec.frames, detections=detections, topics=topics,
@@ -515,23 +526,81 @@ def _storage_of(path: Path) -> str:
     return "sqlite3" if any(f.suffix == ".db3" for f in files) else "unknown"
 
 
-def open_bag(path: Path | str) -> InputBag:
-    """Open a ROS 2 bag (directory, sqlite3 or MCAP) or a ROS 1 `.bag` file; salvage it when its index is damaged.
+def _check_mcap_head(file: Path) -> None:
+    """BagError when `file` cannot be an MCAP file at all (too short for its header, or another format)."""
+    try:
+        with file.open("rb") as f:
+            head = f.read(len(_MCAP_MAGIC) + 1)
+    except OSError as err:
+        raise BagError(f"cannot read {file}: {err.strerror or err}") from None
+    magic = _MCAP_MAGIC
+    if head[:len(magic)] != magic[:len(head)]:
+        raise BagError(f"{file} is not an MCAP file (it does not start with the MCAP magic bytes)")
+    if len(head) <= len(magic):
+        raise BagError(f"{file} holds only {file.stat().st_size} bytes: an MCAP file cut off before its header "
+                       "record, with no message to read")
 
-    Raises BagError when the path is missing or nothing in it can be read.
+
+def _bag_files(path: Path) -> tuple[list[Path], bool]:
+    """What AnyReader should open for `path`, and whether the rosbag2 metadata.yaml is missing.
+
+    A directory without metadata.yaml (a recording killed before it wrote one) is read from its .mcap files
+    directly; anything that is not a bag at all is a BagError saying what was found.
+    """
+    if path.is_file():
+        if path.suffix == ".mcap":
+            _check_mcap_head(path)
+        elif path.suffix == ".db3":
+            raise BagError(f"{path} is a sqlite3 bag file; give its directory (the one holding metadata.yaml)")
+        elif path.suffix != ".bag":
+            raise BagError(f"{path} is not a bag: replay reads a rosbag2 directory, an .mcap file or a ROS 1 .bag")
+        return [path], False
+    if not path.is_dir():
+        raise BagError(f"{path} is not a bag (neither a file nor a directory)")
+    if (path / "metadata.yaml").is_file():
+        return [path], False
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        raise BagError(f"{path} is an empty directory, not a bag (a rosbag2 bag holds metadata.yaml and its .mcap "
+                       "or .db3 files)")
+    mcaps = sorted(path.glob("*.mcap"))
+    if mcaps:
+        for f in mcaps:
+            _check_mcap_head(f)
+        return mcaps, True
+    if any(path.glob("*.db3")):
+        raise BagError(f"{path} has no metadata.yaml (a recording stopped before writing it?); rebuild it with "
+                       f"`ros2 bag reindex {path} sqlite3`, then replay again")
+    shown = ", ".join(entries[:8]) + (f", ... ({len(entries)} in all)" if len(entries) > 8 else "")
+    raise BagError(f"{path} is not a bag: no metadata.yaml and no .mcap or .db3 file in it (it holds {shown})")
+
+
+def open_bag(path: Path | str) -> InputBag:
+    """Open a ROS 2 bag (directory, sqlite3 or MCAP, or a bare .mcap file) or a ROS 1 `.bag` file; salvage it when
+    its index is damaged. A bag directory without metadata.yaml is read from its .mcap files (and noted in `damage`;
+    `pdlm-ros repair-bag DIR` writes the metadata).
+
+    Raises BagError when the path is missing, is not a bag, or nothing in it can be read.
     """
     path = Path(path)
     if not path.exists():
         raise BagError(f"bag not found: {path}")
+    files, no_metadata = _bag_files(path)
     ros1 = path.suffix == ".bag"
     default = ros1_typestore() if ros1 else M.typestore()
+    notes = [f"{path} has no metadata.yaml; its MCAP files were read directly (`pdlm-ros repair-bag {path}` "
+             "writes one)"] if no_metadata else []
     try:
-        reader = AnyReader([path], default_typestore=default)
+        reader = AnyReader(files, default_typestore=default)
         reader.open()
-    except (AnyReaderError, ReaderError1, ReaderError2) as err:
+    except _READ_ERRORS as err:
         reason = str(err) or type(err).__name__
         log.warning("%s: rosbags cannot open it (%s); scanning the file for readable records", path, reason)
-        return _salvage(path, ros1, reason, default)
+        bag = _salvage(path, ros1, reason, default)
+        bag.damage[:0] = notes
+        return bag
+    if notes:
+        log.warning("%s", notes[0])
 
     def scan(topics: set[str]) -> Iterator[tuple[str, int, bytes]]:
         conns = [c for c in reader.connections if c.topic in topics]
@@ -540,7 +609,7 @@ def open_bag(path: Path | str) -> InputBag:
                 yield c.topic, t, raw
 
     return InputBag(path, ros1=ros1, storage=_storage_of(path), topics=_topics_of(reader.connections, True),
-                    typestore=reader.typestore, scan=scan, close=reader.close, damage=[])
+                    typestore=reader.typestore, scan=scan, close=reader.close, damage=notes)
 
 
 def _salvage(path: Path, ros1: bool, reason: str, default: Typestore) -> InputBag:

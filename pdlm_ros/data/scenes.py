@@ -17,6 +17,7 @@ thousands of them.
 from __future__ import annotations
 
 import colorsys
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ __all__ = [
     "sample_specs",
     "generate_scene",
     "scene_seeds",
+    "RenderStyle",
+    "STYLE_SHIFTS",
+    "generate_shift_scene",
 ]
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
@@ -81,6 +85,37 @@ _STRIPE_PERIOD_PX = 4.0
 _DOT_PERIOD_PX = 5.0
 _DOT_RADIUS_PX = 1.25
 _MAX_SCENE_TRIES = 50
+
+
+@dataclass(frozen=True)
+class RenderStyle:
+    """How a scene is drawn. The defaults are the training renderer's; `STYLE_SHIFTS` holds styles it never uses."""
+
+    supersample: int = _SS  # 1 = no anti-aliasing (hard, stair-stepped edges)
+    stripe_period_px: float = _STRIPE_PERIOD_PX
+    dot_period_px: float = _DOT_PERIOD_PX
+    dot_radius_px: float = _DOT_RADIUS_PX
+    size_extent_px: tuple[tuple[float, float], tuple[float, float]] = (SIZE_EXTENT_PX["small"], SIZE_EXTENT_PX["large"])
+    background: str = "textured"  # textured (gradient, pattern, clutter, grey noise) or plain (one flat colour)
+    spacing: float = 0.7  # centres at least spacing x the sum of circumradii apart (lower: more occlusion)
+    min_visible: float = _MIN_VISIBLE
+    want_occluded: bool = False  # at least one object with less than 60 % visible (needs min_visible < 0.6)
+    noise_sigma: tuple[float, float] = (0.0, 0.0)  # grey noise over the whole image, objects included
+    jpeg_quality: tuple[int, int] | None = None  # JPEG round trip at a quality drawn from this range
+
+
+# Held-out drawing styles (never used in training): other anti-aliasing, other pattern line widths, sizes outside
+# the training ranges, plain and noisy backgrounds, JPEG artefacts, heavier occlusion.
+STYLE_SHIFTS: dict[str, RenderStyle] = {
+    "hard_edges": RenderStyle(supersample=1),
+    "pattern_widths": RenderStyle(stripe_period_px=6.5, dot_period_px=7.0, dot_radius_px=1.9),
+    "sizes": RenderStyle(size_extent_px=((12.0, 15.5), (44.0, 54.0))),
+    "plain_background": RenderStyle(background="plain"),
+    "noisy": RenderStyle(noise_sigma=(16.0, 24.0)),
+    "jpeg": RenderStyle(jpeg_quality=(15, 35)),
+    "occlusion": RenderStyle(spacing=0.45, min_visible=0.35, want_occluded=True),
+}
+_DEFAULT_STYLE = RenderStyle()
 
 
 def caption_for(size: str, pattern: str, color: str, shape: str) -> str:
@@ -186,7 +221,7 @@ def _pattern_rgb(fill: np.ndarray) -> np.ndarray:
     return np.array([25.0, 25.0, 25.0]) if luma > 110 else np.array([235.0, 235.0, 235.0])
 
 
-def _object_layer(spec: ObjectSpec, color_jitter: np.ndarray
+def _object_layer(spec: ObjectSpec, color_jitter: np.ndarray, style: RenderStyle = _DEFAULT_STYLE
                   ) -> tuple[int, int, np.ndarray, np.ndarray]:
     """Render one object on its own canvas: (x0, y0, coverage (h, w) in [0, 1], premultiplied rgb (h, w, 3)).
 
@@ -196,19 +231,20 @@ def _object_layer(spec: ObjectSpec, color_jitter: np.ndarray
     r = spec.extent / 2.0
     x0, y0 = int(math.floor(cx - r)) - 1, int(math.floor(cy - r)) - 1
     w, h = int(math.ceil(cx + r)) + 2 - x0, int(math.ceil(cy + r)) + 2 - y0
-    canvas = Image.new("L", (w * _SS, h * _SS), 0)
+    ss = style.supersample
+    canvas = Image.new("L", (w * ss, h * ss), 0)
     draw = ImageDraw.Draw(canvas)
     # Supersample k covers [k/SS, (k+1)/SS) px of the local canvas; PIL fills samples by their integer index.
-    ox, oy = (cx - x0) * _SS - 0.5, (cy - y0) * _SS - 0.5
+    ox, oy = (cx - x0) * ss - 0.5, (cy - y0) * ss - 0.5
     outline = _OUTLINES[spec.shape]
     if outline is None:
-        rr = r * _CIRCLE_RADIUS * _SS
+        rr = r * _CIRCLE_RADIUS * ss
         draw.ellipse([ox - rr, oy - rr, ox + rr, oy + rr], fill=255)
     else:
         c, s = math.cos(spec.rotation), math.sin(spec.rotation)
-        pts = outline @ np.array([[c, s], [-s, c]]) * (r * _SS)  # rotate, then scale to canvas px
+        pts = outline @ np.array([[c, s], [-s, c]]) * (r * ss)  # rotate, then scale to canvas px
         draw.polygon([(ox + px, oy + py) for px, py in pts], fill=255)
-    cov = _box_mean(np.asarray(canvas, dtype=np.float32), _SS) / 255.0  # (h, w) coverage
+    cov = _box_mean(np.asarray(canvas, dtype=np.float32), ss) / 255.0  # (h, w) coverage
 
     fill = np.clip(np.asarray(COLORS[spec.color], dtype=np.float32) + color_jitter, 0, 255)
     if spec.pattern == "solid":
@@ -221,11 +257,11 @@ def _object_layer(spec: ObjectSpec, color_jitter: np.ndarray
     c, s = math.cos(spec.rotation), math.sin(spec.rotation)
     u, v = c * dx + s * dy, -s * dx + c * dy
     if spec.pattern == "striped":
-        on = np.mod(u, _STRIPE_PERIOD_PX) < _STRIPE_PERIOD_PX / 2
+        on = np.mod(u, style.stripe_period_px) < style.stripe_period_px / 2
     else:
-        p = _DOT_PERIOD_PX
+        p = style.dot_period_px
         du, dv = np.mod(u + p / 2, p) - p / 2, np.mod(v + p / 2, p) - p / 2
-        on = du * du + dv * dv < _DOT_RADIUS_PX**2
+        on = du * du + dv * dv < style.dot_radius_px**2
     share = _box_mean(on.astype(np.float32), ss)[..., None]  # (h, w, 1) share of the pixel covered by pattern
     col = cov[..., None] * (fill + share * (_pattern_rgb(fill) - fill))
     return x0, y0, cov, col
@@ -244,12 +280,14 @@ def _muted(rng: np.random.Generator, v_range: tuple[float, float] = (0.25, 0.85)
     return np.array(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32) * 255.0
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def _background(rng: np.random.Generator, width: int, height: int, style: RenderStyle = _DEFAULT_STYLE) -> np.ndarray:
     """Gradient base, then optional low-contrast stripes/grid/checker and muted clutter blobs, then grey noise.
 
     Returns float32 (H, W, 3). Every colour comes from `_muted`, and the noise is grey, so no object hue appears.
     Works on planes (3, H, W): numpy broadcasts over a trailing axis of 3 several times slower.
     """
+    if style.background == "plain":  # up to near-white: brighter than any training background
+        return np.broadcast_to(_muted(rng, (0.25, 1.0)), (height, width, 3)).astype(np.float32)
     a, b = _muted(rng), _muted(rng)
     ang = rng.uniform(0, 2 * np.pi)
     xs = np.arange(width, dtype=np.float32)[None, :]  # (1, W), broadcast against (H, 1)
@@ -294,7 +332,8 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------------------- scenes
-def render_scene(specs: Sequence[ObjectSpec], width: int, height: int, background_seed: int) -> Scene:
+def render_scene(specs: Sequence[ObjectSpec], width: int, height: int, background_seed: int,
+                 style: RenderStyle = _DEFAULT_STYLE) -> Scene:
     """Draw `specs` in order (later on top) over the background of `background_seed`.
 
     No occlusion rule is enforced here (animation may hide an object); check `SceneObject.visible_fraction`.
@@ -303,7 +342,7 @@ def render_scene(specs: Sequence[ObjectSpec], width: int, height: int, backgroun
     if not (8 <= width <= 4096 and 8 <= height <= 4096):
         raise DatasetError(f"scene size must be 8..4096 px per side (got {width}x{height})")
     rng = np.random.default_rng(background_seed)
-    img = _background(rng, width, height)
+    img = _background(rng, width, height, style)
     instance = np.zeros((height, width), dtype=np.uint16)
     areas = []
     for i, spec in enumerate(specs):
@@ -311,7 +350,7 @@ def render_scene(specs: Sequence[ObjectSpec], width: int, height: int, backgroun
         if not (spec.extent > 0 and math.isfinite(spec.extent)):
             raise DatasetError(f"object {spec.track_id!r}: extent must be a positive number of px (got {spec.extent})")
         jitter = rng.uniform(-12, 12, size=3).astype(np.float32)  # small per-object shade variation
-        x0, y0, cov, col = _object_layer(spec, jitter)
+        x0, y0, cov, col = _object_layer(spec, jitter, style)
         areas.append(float((cov >= 0.5).sum()))
         # Clip the object's canvas to the image.
         ix0, iy0 = max(x0, 0), max(y0, 0)
@@ -323,7 +362,13 @@ def render_scene(specs: Sequence[ObjectSpec], width: int, height: int, backgroun
         region = img[iy0:iy1, ix0:ix1]
         img[iy0:iy1, ix0:ix1] = region * (1 - c[..., None]) + p
         instance[iy0:iy1, ix0:ix1][c >= 0.5] = i + 1
+    if style.noise_sigma[1] > 0:
+        img = img + rng.standard_normal((height, width), dtype=np.float32)[..., None] * rng.uniform(*style.noise_sigma)
     image = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    if style.jpeg_quality is not None:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=int(rng.integers(*style.jpeg_quality, endpoint=True)))
+        image = np.asarray(Image.open(buf).convert("RGB"))
 
     objects = []
     for i, spec in enumerate(specs):
@@ -341,7 +386,8 @@ def render_scene(specs: Sequence[ObjectSpec], width: int, height: int, backgroun
     return Scene(seed=int(background_seed), image=image, objects=objects, instance_mask=instance)
 
 
-def sample_specs(rng: np.random.Generator, width: int, height: int, n: int) -> list[ObjectSpec]:
+def sample_specs(rng: np.random.Generator, width: int, height: int, n: int,
+                 style: RenderStyle = _DEFAULT_STYLE) -> list[ObjectSpec]:
     """Draw up to `n` objects that fit inside the image, with limited overlap.
 
     Overlap is screened here with circumscribed circles (centres at least 0.7 x the sum of radii apart, which leaves
@@ -355,13 +401,13 @@ def sample_specs(rng: np.random.Generator, width: int, height: int, n: int) -> l
     for k in range(n):
         for _ in range(60):
             size = SIZES[int(rng.integers(0, 2))]
-            extent = float(rng.uniform(*SIZE_EXTENT_PX[size]))
+            extent = float(rng.uniform(*style.size_extent_px[SIZES.index(size)]))
             r = extent / 2
             if width < extent + 2 or height < extent + 2:
                 continue
             cx = float(rng.uniform(r + 1, width - r - 1))
             cy = float(rng.uniform(r + 1, height - r - 1))
-            if all(math.hypot(cx - px, cy - py) >= 0.7 * (r + pr) for px, py, pr in placed):
+            if all(math.hypot(cx - px, cy - py) >= style.spacing * (r + pr) for px, py, pr in placed):
                 break
         else:
             break  # crowded: stop adding objects
@@ -388,15 +434,16 @@ def _sample_size(rng: np.random.Generator) -> tuple[int, int]:
             return width, height
 
 
-def _acceptable(scene: Scene) -> bool:
+def _acceptable(scene: Scene, style: RenderStyle = _DEFAULT_STYLE) -> bool:
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.box
-        if obj.visible_fraction < _MIN_VISIBLE or x2 - x1 < _MIN_BOX_PX or y2 - y1 < _MIN_BOX_PX:
+        if obj.visible_fraction < style.min_visible or x2 - x1 < _MIN_BOX_PX or y2 - y1 < _MIN_BOX_PX:
             return False
-    return True
+    return not style.want_occluded or any(o.visible_fraction < _MIN_VISIBLE for o in scene.objects)
 
 
-def generate_scene(seed: int, *, min_objects: int = 1, max_objects: int = 8) -> Scene:
+def generate_scene(seed: int, *, min_objects: int = 1, max_objects: int = 8,
+                   style: RenderStyle = _DEFAULT_STYLE) -> Scene:
     """The scene of `seed`: 96..176 px sides, aspect 0.6..1.8, `min_objects`..`max_objects` objects.
 
     Layouts that break the visibility rule are re-drawn from the same generator, so the result is still a pure
@@ -409,15 +456,28 @@ def generate_scene(seed: int, *, min_objects: int = 1, max_objects: int = 8) -> 
     rng = np.random.default_rng(seed)
     width, height = _sample_size(rng)
     n = int(rng.integers(min_objects, max_objects + 1))
-    for _ in range(_MAX_SCENE_TRIES):
-        specs = sample_specs(rng, width, height, n)
+    if style.want_occluded:
+        n = max(n, min(2, max_objects))  # occlusion needs two objects
+    for _ in range(_MAX_SCENE_TRIES * (4 if style.want_occluded else 1)):
+        specs = sample_specs(rng, width, height, n, style)
         if len(specs) < min_objects:
             continue
-        scene = render_scene(specs, width, height, background_seed=int(rng.integers(0, 2**63 - 1)))
-        if _acceptable(scene):
+        scene = render_scene(specs, width, height, background_seed=int(rng.integers(0, 2**63 - 1)), style=style)
+        if _acceptable(scene, style):
             return Scene(seed=seed, image=scene.image, objects=scene.objects, instance_mask=scene.instance_mask)
     raise DatasetError(  # not reached in practice; kept so an impossible request fails loudly, not forever
         f"could not place {min_objects}..{max_objects} objects in a {width}x{height} scene for seed {seed}")
+
+
+def generate_shift_scene(seed: int, kind: str | None = None) -> tuple[str, Scene]:
+    """A held-out scene drawn in a style the training renderer never uses: `kind` from STYLE_SHIFTS, or None for
+    the kind of this seed (seeds cycle through the kinds, so any window of seeds covers them evenly)."""
+    kinds = tuple(STYLE_SHIFTS)
+    if kind is None:
+        kind = kinds[seed % len(kinds)]
+    if kind not in STYLE_SHIFTS:
+        raise DatasetError(f"unknown style shift {kind!r}; expected one of {', '.join(kinds)}")
+    return kind, generate_scene(seed, style=STYLE_SHIFTS[kind])
 
 
 def scene_seeds(split: Literal["train", "heldout"], n: int, offset: int = 0) -> list[int]:

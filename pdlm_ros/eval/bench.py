@@ -19,6 +19,10 @@ The achieved FLOP/s of one cached denoising step is compared with the same matri
 the step's shapes) run back to back, and with one large square product: how close the step is to what the device
 does on plain matrix products.
 
+Cross-frame batching (`run_cross_frame_bench`): F frames x n regions captioned by one `Captioner.caption_frames`
+call (their regions in one denoising pass) against F `caption` calls, one frame at a time, measured alternately on
+the same frames; tokens per second of both and their ratio per F, and whether every caption came out the same.
+
 Frames are synthetic scenes (`pdlm_ros.data.scenes`) rendered at a camera size; regions are their objects' boxes,
 cycled when a count exceeds the objects in the frame (regions are independent, so a repeated box costs the same).
 """
@@ -62,6 +66,9 @@ __all__ = [
     "threshold_check",
     "peak_matmul_flops",
     "machine_info",
+    "CrossFrameRow",
+    "CrossFrameReport",
+    "run_cross_frame_bench",
 ]
 
 log = logging.getLogger(__name__)
@@ -541,3 +548,99 @@ def run_bench(cap: Captioner, settings: BenchSettings = BenchSettings(), *, ar: 
                        machine=machine_info(dev), torch_version=torch.__version__, git_commit=_git_commit(),
                        date_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        wall_s=time.perf_counter() - t_start)
+
+
+# -- cross-frame batching ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CrossFrameRow:
+    frames: int  # frames per call
+    regions: int  # regions per frame
+    passes: int  # denoising passes the batched call needed (ceil(frames x regions / max_regions))
+    batched_ms: float  # median latency of one caption_frames call over all the frames
+    one_by_one_ms: float  # median latency of the same frames captioned by one caption call each
+    tokens: int  # caption tokens of all the frames (the same on both paths)
+    batched_tokens_per_s: float
+    one_by_one_tokens_per_s: float
+    ratio: float  # batched / one-by-one tokens per second
+    identical: bool  # every caption of every frame the same on both paths
+    repeats: int
+
+
+@dataclass(frozen=True)
+class CrossFrameReport:
+    rows: list[CrossFrameRow]
+    model: dict[str, Any]
+    frame_size: tuple[int, int]
+    steps: int
+    machine: dict[str, Any]
+    torch_version: str
+    git_commit: str | None
+    date_utc: str
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": [asdict(r) for r in self.rows], "model": self.model, "frame_size": list(self.frame_size),
+                "steps": self.steps, "machine": self.machine, "torch_version": self.torch_version,
+                "git_commit": self.git_commit, "date_utc": self.date_utc, "wall_s": self.wall_s}
+
+    def table(self) -> str:
+        lines = [f"{'frames':>6}{'regions':>8}{'passes':>7}{'batched ms':>12}{'1-by-1 ms':>11}{'batched tok/s':>15}"
+                 f"{'1-by-1 tok/s':>14}{'ratio':>7}{'identical':>10}{'runs':>6}"]
+        for r in self.rows:
+            lines.append(f"{r.frames:>6}{r.regions:>8}{r.passes:>7}{r.batched_ms:>12.1f}{r.one_by_one_ms:>11.1f}"
+                         f"{r.batched_tokens_per_s:>15.1f}{r.one_by_one_tokens_per_s:>14.1f}{r.ratio:>7.2f}"
+                         f"{'yes' if r.identical else 'NO':>10}{r.repeats:>6}")
+        return "\n".join(lines)
+
+
+def run_cross_frame_bench(cap: Captioner, frames: Sequence[int] = (1, 2, 4), regions: int = 4, *,
+                          steps: int | None = None, repeats: int = 3, frame_size: tuple[int, int] = (1280, 720),
+                          seed: int = 0, max_cell_s: float | None = 30.0,
+                          on_row: Callable[[CrossFrameRow], None] | None = None) -> CrossFrameReport:
+    """Tokens per second of F frames x `regions` regions in one `caption_frames` call against one frame at a time,
+    for every F in `frames`, on the same frames, the two measured alternately (so a busy machine slows both)."""
+    if not frames or any(f < 1 for f in frames) or regions < 1 or repeats < 1:
+        raise ConfigError(f"need frame counts >= 1, regions >= 1 and repeats >= 1 (got {list(frames)}, {regions}, "
+                          f"{repeats})")
+    t_start = time.perf_counter()
+    dev = cap.device
+    scenes = make_frames(max(frames), *frame_size, objects=regions, seed=seed)
+    batch_all = [(image, _regions(boxes, regions)) for image, boxes in scenes]
+    per_pass = cap.config.region.max_regions
+    cap.caption_frames(batch_all[:1], steps=1)  # warm-up: allocator, thread pools
+    rows = []
+    for f in frames:
+        batch = batch_all[:f]
+        cap.caption_frames(batch, steps=1)  # this batch's shapes once, unmeasured
+        batched_ms, one_ms, identical = [], [], True
+        start = time.perf_counter()
+        for _ in range(repeats):
+            ms, together = _timed(dev, lambda: cap.caption_frames(batch, steps=steps))
+            batched_ms.append(ms)
+            ms, alone = _timed(dev, lambda: [cap.caption(image, regs, steps=steps) for image, regs in batch])
+            one_ms.append(ms)
+            identical &= all([r.caption for r in a.regions] == [r.caption for r in b.regions]
+                             for a, b in zip(together, alone))
+            if max_cell_s is not None and time.perf_counter() - start > max_cell_s:
+                break
+        failed = [r.error for res in together for r in res.regions if r.error]
+        if failed:  # the frames are generated, so this is a bug, not user input
+            raise RuntimeError(f"benchmark region refused: {failed[0]}")
+        tokens = sum(res.stats.tokens for res in together)
+        b_ms, o_ms = statistics.median(batched_ms), statistics.median(one_ms)
+        row = CrossFrameRow(frames=f, regions=regions, passes=-(-f * regions // per_pass), batched_ms=b_ms,
+                            one_by_one_ms=o_ms, tokens=tokens, batched_tokens_per_s=tokens / b_ms * 1000.0,
+                            one_by_one_tokens_per_s=tokens / o_ms * 1000.0, ratio=o_ms / b_ms, identical=identical,
+                            repeats=len(batched_ms))
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    cfg = cap.config
+    model = {"name": cap.name, "attn_impl": cap.attn_impl, "dtype": str(cap.model.decoder.wte.weight.dtype),
+             "d_model": cfg.decoder.d_model, "n_layers": cfg.decoder.n_layers, "max_regions": per_pass,
+             "caption_len": cfg.decoding.caption_len, "parameters": sum(p.numel() for p in cap.model.parameters())}
+    return CrossFrameReport(rows=rows, model=model, frame_size=tuple(frame_size),
+                            steps=steps or cfg.decoding.steps, machine=machine_info(dev),
+                            torch_version=torch.__version__, git_commit=_git_commit(),
+                            date_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            wall_s=time.perf_counter() - t_start)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from pdlm_ros.data.scenes import Scene
+from pdlm_ros.data.scenes import ATTRIBUTES, Scene
 from pdlm_ros.errors import CheckpointError, ConfigError, DatasetError, PDLMError
 from pdlm_ros.eval.judges import Judge, Judgement, QuestionResult, refused_judgement
 from pdlm_ros.eval.questions import Question, build_questions
@@ -32,7 +32,7 @@ __all__ = ["EvalReport", "evaluate", "resolve_mode", "MODES", "REGION_KINDS"]
 log = logging.getLogger(__name__)
 
 # The modes `pdlm-ros eval` offers; the harness passes any mode through and the captioner rejects unknown ones.
-MODES = ("auto", "parallel", "sequential", "threshold", "nomask", "official")
+MODES = ("auto", "parallel", "sequential", "threshold", "nomask", "official", "ar")
 REGION_KINDS = ("mask", "box")
 RegionKind = Literal["mask", "box"]
 
@@ -46,6 +46,7 @@ class _Frame:
     keys: list[str]
     questions: list[list[Question]]
     class_names: list[str | None]
+    truth: list[dict[str, str]] = field(default_factory=list)  # synthetic scenes: each region's attributes
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class EvalReport:
     judge_seconds: float
     seed: int | None = None
     steps: int | None = None  # denoising steps asked for (None: the model's default)
+    # attribute -> true value -> value the caption named (or NONE / SEVERAL) -> regions; synthetic scenes only
+    confusion: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     @property
     def tpf(self) -> float:
@@ -88,6 +91,7 @@ class EvalReport:
             "judge_seconds": round(self.judge_seconds, 3),
             "dlc_score": {"pos": s.dlc_pos, "neg": s.dlc_neg, "avg": s.dlc_avg},
             "counts": s.to_dict()["counts"],
+            "confusion": self.confusion,
         }
         if details:
             out["per_region"] = [_judgement_dict(j, r) for j, r in zip(self.judgements, s.per_region)]
@@ -104,6 +108,23 @@ def _judgement_dict(j: Judgement, score: Any) -> dict[str, Any]:
     return {"key": j.key, "caption": j.caption, "class_name": j.class_name, "recognized": j.recognized,
             "refused": j.refused, "pos": score.pos, "neg": score.neg, "interference": score.interference,
             "questions": [_result_dict(r) for r in j.results]}
+
+
+NONE, SEVERAL = "(none)", "(several)"  # a caption that names no value of an attribute, or more than one
+
+
+def confusion_matrices(pairs: Iterable[tuple[dict[str, str], str]]) -> dict[str, dict[str, dict[str, int]]]:
+    """(true attributes, caption) pairs -> attribute -> true value -> named value -> count. A refused region (empty
+    caption) counts as naming nothing."""
+    out: dict[str, dict[str, dict[str, int]]] = {a: {v: {} for v in values} for a, values in ATTRIBUTES.items()}
+    for truth, caption in pairs:
+        words = set(caption.split())
+        for attr, value in truth.items():
+            named = [v for v in ATTRIBUTES[attr] if v in words]
+            key = named[0] if len(named) == 1 else (NONE if not named else SEVERAL)
+            row = out[attr][value]
+            row[key] = row.get(key, 0) + 1
+    return out
 
 
 def resolve_mode(captioner: CaptionerLike, mode: str) -> str:
@@ -141,6 +162,7 @@ def _scene_frames(scenes: Iterable[Scene], region_kind: str, limit: int | None) 
             keys=[f"{scene.seed}/{o.track_id}" for o in objects],
             questions=[build_questions(scene, i) for i in range(len(objects))],
             class_names=[None] * len(objects),
+            truth=[{a: getattr(o, a) for a in ATTRIBUTES} for o in objects],
         )
 
 
@@ -150,6 +172,7 @@ def _run(captioner: CaptionerLike, frames: Iterable[_Frame], judge: Judge, *, da
     judge.check()  # fail before any captioning is spent when the judge is down
     start = time.perf_counter()
     judgements: list[Judgement] = []
+    named: list[tuple[dict[str, str], str]] = []  # (true attributes, caption) for the confusion matrices
     nfe = tokens = n_frames = 0
     caption_s = judge_s = 0.0
     bar = tqdm(total=total, unit="region", desc=f"eval {mode}", file=sys.stderr, disable=not progress,
@@ -180,6 +203,8 @@ def _run(captioner: CaptionerLike, frames: Iterable[_Frame], judge: Judge, *, da
                     judgements.append(refused_judgement(key, questions, reason, class_name or ""))
                     continue
                 region = result.regions[i]
+                if i < len(frame.truth):
+                    named.append((frame.truth[i], region.caption))
                 if region.error:
                     judgements.append(refused_judgement(key, questions, region.error, class_name or ""))
                 else:
@@ -195,12 +220,12 @@ def _run(captioner: CaptionerLike, frames: Iterable[_Frame], judge: Judge, *, da
         dataset=dataset, model=str(getattr(captioner, "name", "")), mode=mode, region_kind=region_kind,
         judge=judge.describe(), scores=scores, judgements=judgements, frames=n_frames, nfe=nfe, tokens=tokens,
         seconds=time.perf_counter() - start, caption_seconds=caption_s, judge_seconds=judge_s, seed=seed,
-        steps=steps)
+        steps=steps, confusion=confusion_matrices(named) if named else {})
 
 
 def evaluate(captioner: CaptionerLike, scenes: Iterable[Scene], judge: Judge, *, mode: str = "parallel",
              region_kind: RegionKind = "mask", progress: bool = True, limit: int | None = None,
-             seed: int | None = None, steps: int | None = None) -> EvalReport:
+             seed: int | None = None, steps: int | None = None, dataset: str = "synthetic-heldout") -> EvalReport:
     """Evaluate on synthetic scenes (all objects of a scene captioned in one call), at most `limit` regions.
 
     `steps` overrides the model's denoising steps (None: its default); `seed` is only recorded in the report.
@@ -212,5 +237,5 @@ def evaluate(captioner: CaptionerLike, scenes: Iterable[Scene], judge: Judge, *,
     total = limit
     if total is None and isinstance(scenes, (list, tuple)):
         total = sum(len(s.objects) for s in scenes)
-    return _run(captioner, _scene_frames(scenes, region_kind, limit), judge, dataset="synthetic-heldout",
+    return _run(captioner, _scene_frames(scenes, region_kind, limit), judge, dataset=dataset,
                 mode=mode, region_kind=region_kind, progress=progress, total=total, seed=seed, steps=steps)

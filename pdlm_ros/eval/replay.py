@@ -17,25 +17,44 @@ younger than `cache_max_age_s` in frame stamps, box IoU at least `cache_iou_thre
 Nothing is dropped silently: a message that does not decode, a frame whose image is unusable and a pair that never
 forms are each counted and named in the result; a frame the model cannot use still gets its caption array, with
 every region's `error` set. Bad requests (missing topic, wrong message type, no region messages, stamps that never
-pair, an existing output) raise `BagError` with what exists and what to do.
+pair, an existing output, an output path that cannot be written) raise `BagError` with what exists and what to do;
+`check_request` runs every check that needs no model, so a command can fail before it loads one.
+
+Crash safety (`ReplayWriter`): the output bag is written with `pdlm_ros.data.bag_writer.SafeBagWriter`, committed
+every `checkpoint_s` seconds of work, so a replay killed at any moment (kill -9 included) leaves OUT/bag holding a
+metadata.yaml and complete MCAP files only: rosbags, `ros2 bag` and mcap's indexed reader open it, with every frame
+committed before the kill. How far the run got is in the metadata's custom_data (`pdlm_ros.replay`), and each
+committed frame's record is in OUT/.replay/frames.jsonl. A rerun into the same OUT refuses to touch it and says so;
+`resume=True` (`--resume`) continues it: the bag is read again from the start, the frames already committed take
+their captions from the journal instead of the model (so the caption cache evolves exactly as in one run), and only
+the rest is captioned and written. A write that fails (a full disk) removes the unfinished segment, marks the run
+interrupted and raises one BagError line saying how many frames the bag keeps and how to go on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
+import fcntl
 import io
+import json
 import logging
 import math
+import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
-from rosbags.rosbag2 import StoragePlugin, Writer
 
-from pdlm_ros.data.bags import ROSBAG2_VERSION, InputBag, TopicInfo, open_bag
+from pdlm_ros.data.bag_writer import SafeBagWriter, read_metadata
+from pdlm_ros.data.bags import InputBag, TopicInfo, open_bag
 from pdlm_ros.errors import BagError, ImageInputError, PDLMError, RegionInputError
 from pdlm_ros.ros import convert as C
 from pdlm_ros.ros import messages as M
@@ -45,12 +64,18 @@ from pdlm_ros.ros.sync import StampSync, SyncCounters
 from pdlm_ros.types import CaptionerLike, FrameResult, FrameStats, RegionCaption, RegionInput
 from pdlm_ros.viz import draw_captions
 
-__all__ = ["ReplayOptions", "FrameRecord", "SkippedMessage", "ReplayResult", "OUTPUT_BAG", "replay",
-           "prepare_output"]
+__all__ = ["ReplayOptions", "FrameRecord", "SkippedMessage", "ReplayResult", "ReplayState", "ReplayWriter",
+           "OUTPUT_BAG", "CHECKPOINT_S", "replay", "check_request", "check_output", "prepare_output", "replay_state"]
 
 log = logging.getLogger(__name__)
 
-OUTPUT_BAG = "bag"  # OUT/bag/ is the rosbag2 directory (metadata.yaml + bag_0.mcap)
+OUTPUT_BAG = "bag"  # OUT/bag/ is the rosbag2 directory (metadata.yaml + bag_0.mcap, bag_1.mcap, ...)
+REPORT_FILES = ("report.json", "report.html", "latency_vs_regions.png")
+STATE_DIR = ".replay"  # OUT/.replay/: the lock and the frame journal of a run
+JOURNAL = "frames.jsonl"
+STATE_KEY = "pdlm_ros.replay"  # the output bag's custom_data key holding the run's progress
+CHECKPOINT_S = 30.0  # default seconds of work between commits: what a kill can cost at most
+MIN_FREE_BYTES = 1 << 20  # an output disk with less free space is refused before the model loads
 IMAGE_TYPES = (M.IMAGE, M.COMPRESSED_IMAGE)
 PREVIEW_FRAMES = 6  # annotated frames kept for the HTML report
 PREVIEW_MIN_SIDE = 360  # px; small frames are enlarged for the report so their labels stay readable
@@ -151,45 +176,273 @@ def _check_topic(bag: InputBag, topic: str, flag: str, allowed: tuple[str, ...])
     return info
 
 
-def prepare_output(out: Path, bag: Path, overwrite: bool) -> Path:
-    """Check OUT and clear what replay writes there; returns OUT/bag. Never deletes anything replay did not write."""
+def _check_request(bag: InputBag, options: ReplayOptions) -> tuple[TopicInfo, str, set[str]]:
+    """The topic checks: (image topic info, region topic, topics to read)."""
+    image_info = _check_topic(bag, options.image_topic, "--image-topic", IMAGE_TYPES)
+    from_mask = options.mask_topic is not None
+    region_topic = options.region_topic
+    _check_topic(bag, region_topic, "--mask-topic" if from_mask else "--detections-topic",
+                 (M.IMAGE,) if from_mask else (M.DETECTION_ARRAY,))
+    topics = {options.image_topic, region_topic}
+    if options.detections_topic and from_mask:  # copied along, not used for regions
+        _check_topic(bag, options.detections_topic, "--detections-topic", (M.DETECTION_ARRAY,))
+        topics.add(options.detections_topic)
+    return image_info, region_topic, topics
+
+
+@dataclass(frozen=True)
+class ReplayState:
+    """How far the run that wrote an output bag got (the bag's custom_data `pdlm_ros.replay`)."""
+
+    status: str  # "running" (or killed), "interrupted" (a failure it could record), "complete"
+    frames: int  # frames committed to the bag (and journalled)
+    messages: int  # input messages fully processed before the last commit
+    last_stamp_ns: int | None  # header stamp of the last committed frame
+    run: dict[str, Any]  # what the run was: input bag, options, model
+
+    @property
+    def unfinished(self) -> bool:
+        return self.status != "complete"
+
+    def describe(self) -> str:
+        upto = f", up to image stamp {self.last_stamp_ns} ns" if self.last_stamp_ns is not None else ""
+        return f"{self.frames} frames of {self.run.get('input', '?')} committed{upto}"
+
+    def custom_data(self) -> dict[str, str]:
+        doc = {"status": self.status, "frames": self.frames, "messages": self.messages,
+               "last_stamp_ns": self.last_stamp_ns, **self.run}
+        return {STATE_KEY: json.dumps(doc, sort_keys=True)}
+
+
+def replay_state(out_bag: Path | str) -> ReplayState | None:
+    """The state recorded in a replay's output bag; None for no bag, or a bag no replay of this version wrote."""
+    info = read_metadata(out_bag)
+    raw = ((info or {}).get("custom_data") or {}).get(STATE_KEY)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+        return ReplayState(status=str(doc.pop("status")), frames=int(doc.pop("frames")),
+                           messages=int(doc.pop("messages")), last_stamp_ns=doc.pop("last_stamp_ns"), run=doc)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise BagError(f"{out_bag}/metadata.yaml has an unreadable {STATE_KEY} entry ({err}); pass --overwrite "
+                       "to replace the output") from None
+
+
+def _run_info(bag: Path, options: ReplayOptions, model: str | None) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one."""
+    src = Path(bag).resolve()
+    files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file())
+    info: dict[str, Any] = {"input": str(src), "input_bytes": sum(f.stat().st_size for f in files),
+                            "options": dataclasses.asdict(options)}
+    if model is not None:
+        info["model"] = model
+    return info
+
+
+def _check_same_run(state: ReplayState, run: dict[str, Any], out_bag: Path) -> None:
+    for key, now in run.items():
+        then = state.run.get(key)
+        if key == "options" and isinstance(then, dict):
+            diff = [f"{k}={then.get(k)!r} (now {v!r})" for k, v in now.items() if then.get(k) != v]
+            if diff:
+                raise BagError(f"cannot resume {out_bag}: the interrupted replay ran with other options: "
+                               f"{', '.join(diff)}; rerun with the same options, or pass --overwrite to start again")
+        elif then != now:
+            raise BagError(f"cannot resume {out_bag}: the interrupted replay's {key} was {then!r}, now {now!r}; "
+                           "resume with the same input and model, or pass --overwrite to start again")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output(out: Path | str, bag: Path | str, overwrite: bool = False, resume: bool = False,
+                 ) -> ReplayState | None:
+    """Every check of OUT that changes nothing: it can be written, has room, does not hold the input, and holds no
+    replay output that would be lost. Returns the state of an unfinished run to resume (with `resume`), else None."""
     out = Path(out)
     target = out / OUTPUT_BAG
-    ours = [target, *(out / name for name in ("report.json", "report.html", "latency_vs_regions.png"))]
-    existing = [p for p in ours if p.exists()]
-    if out.exists() and not out.is_dir():
-        raise BagError(f"output {out} exists and is not a directory; choose another --out")
-    if existing and not overwrite:
-        raise BagError(f"output exists already: {', '.join(map(str, existing))} (pass --overwrite to replace it)")
+    base = _nearest_existing(out)
+    if not base.is_dir():
+        where = "is a file" if base == out.absolute() else f"lies under {base}, which is a file"
+        raise BagError(f"output {out} {where}, not a directory; choose another --out")
+    try:  # the only sure test of writability (permissions, read-only mounts, /proc) is to write
+        probe = tempfile.mkdtemp(prefix=".pdlm-write-test-", dir=base)
+        os.rmdir(probe)
+    except OSError as err:
+        raise BagError(f"cannot write the output {out}: {err.strerror or err} (in {base}); choose another "
+                       "--out") from None
+    free = shutil.disk_usage(base).free
+    if free < MIN_FREE_BYTES:
+        raise BagError(f"cannot write the output {out}: only {free} bytes free on its disk ({base}); free space "
+                       "or choose another --out")
     src = Path(bag).resolve()
     if src == target.resolve() or target.resolve() in src.parents:
         raise BagError(f"the input bag {bag} lies inside the output {target}; choose another --out")
-    for p in existing:
-        if p.is_dir():
+    state = replay_state(target) if target.is_dir() and not overwrite else None
+    if state is not None and state.unfinished:
+        if resume:
+            return state
+        raise BagError(f"{target} holds an interrupted replay ({state.describe()}); it opens as it is. Rerun with "
+                       "--resume to continue it, or with --overwrite to start again")
+    existing = [p for p in (target, *(out / name for name in REPORT_FILES)) if p.exists()]
+    if existing and not overwrite:
+        hint = " (it is complete: nothing to resume)" if resume and state is not None else ""
+        raise BagError(f"output exists already: {', '.join(map(str, existing))}{hint} (pass --overwrite to replace "
+                       "it)")
+    return None
+
+
+def check_request(bag_path: Path | str, out: Path | str, options: ReplayOptions, *, overwrite: bool = False,
+                  resume: bool = False) -> None:
+    """Every check of a replay request that needs no model: the bag opens, its topics fit, OUT can be written and
+    resumed as asked. Commands call it before loading a model, so a bad request fails in a second."""
+    with open_bag(bag_path) as bag:
+        _check_request(bag, options)
+    state = check_output(out, bag_path, overwrite, resume)
+    if state is not None:
+        _check_same_run(state, _run_info(Path(bag_path), options, None), Path(out) / OUTPUT_BAG)
+
+
+def prepare_output(out: Path, bag: Path, overwrite: bool, resume: bool = False) -> Path:
+    """Check OUT and clear what replay writes there (unless resuming); returns OUT/bag. Never deletes anything
+    replay did not write."""
+    out = Path(out)
+    target = out / OUTPUT_BAG
+    if check_output(out, bag, overwrite, resume) is not None:
+        return target
+    for p in (target, *(out / name for name in REPORT_FILES), out / STATE_DIR / JOURNAL):
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
-        else:
+        elif p.exists() or p.is_symlink():
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return target
 
 
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One replay at a time per OUT (a second one would interleave its segments); released by the kernel when the
+    process dies, so a killed run never leaves a stale lock."""
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    with (out / STATE_DIR / "lock").open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise BagError(f"another replay is writing {out} now; wait for it to end, or choose another "
+                           "--out") from None
+        yield
+        if not (out / STATE_DIR / JOURNAL).exists():  # nothing left to resume: leave OUT as a plain output
+            (out / STATE_DIR / "lock").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (out / STATE_DIR).rmdir()
+
+
 # ---------------------------------------------------------------------------------------------------------- output
-class _Output:
-    """The output bag: input topics copied, captions (and annotated images) added."""
+def _record_to_json(record: FrameRecord) -> str:
+    return json.dumps(dataclasses.asdict(record))  # NaN scores and boxes are kept (JSON's NaN extension)
 
-    def __init__(self, path: Path, bag: InputBag) -> None:
+
+def _record_from_json(line: str) -> FrameRecord:
+    d = json.loads(line)
+    regions = [RegionCaption(**{**r, "box": tuple(r["box"])}) for r in d.pop("regions")]
+    return FrameRecord(**{**d, "regions": regions, "ages": tuple(d["ages"])})
+
+
+def _write_failed(err: OSError, state: ReplayState, out_bag: Path) -> BagError:
+    what = err.strerror or str(err)
+    return BagError(f"cannot write {err.filename or out_bag}: {what}; the unfinished part was removed and {out_bag} "
+                    f"keeps {state.describe()}. Free space, then rerun with --resume to continue (or --overwrite to "
+                    "start again)")
+
+
+class ReplayWriter:
+    """The output of one replay, written so that a kill at any moment loses at most `checkpoint_s` of work.
+
+    OUT/bag (`SafeBagWriter`) gets the copied input messages and, per frame, the caption array, the Foxglove
+    annotations and optionally the annotated image; each frame's `FrameRecord` goes to the journal
+    OUT/.replay/frames.jsonl. `checkpoint(messages, frames)` commits when `checkpoint_s` has passed since the last
+    commit: journal flushed and fsynced, then the bag segment, then the metadata with the new `ReplayState`
+    (running), so the metadata never counts a frame the journal lacks. `close` commits the rest as complete and
+    drops the journal; `fail` drops the uncommitted part and marks the run interrupted. A write that fails raises
+    one BagError line (see `_write_failed`).
+
+    Use: `w = ReplayWriter(out, bag, run)`, then `w.copy(...)` per input message and `w.frame(...)` per captioned
+    pair, `w.checkpoint(n, frames)` between input messages, `w.close(n, frames)` at the end.
+    """
+
+    def __init__(self, out: Path, bag: InputBag, options: ReplayOptions, run: dict[str, Any], *,
+                 resume: ReplayState | None = None, checkpoint_s: float = CHECKPOINT_S) -> None:
+        if not (math.isfinite(checkpoint_s) and checkpoint_s >= 0):
+            raise BagError(f"the checkpoint interval must be >= 0 seconds (got {checkpoint_s})")
+        self.out = Path(out)
+        self.out_bag = self.out / OUTPUT_BAG
         self.bag = bag
-        self.writer = Writer(path, version=ROSBAG2_VERSION, storage_plugin=StoragePlugin.MCAP)
-        self.writer.open()
-        self.conns: dict[str, Any] = {}
-        self.counts: dict[str, int] = {}
+        self.options = options
+        self.checkpoint_s = checkpoint_s
         self._migrations: dict[str, object] = {}
+        self._conns: dict[str, int] = {}
+        self.recorded: list[FrameRecord] = []  # committed frames of the interrupted run (resume only)
+        self.state = resume or ReplayState("running", 0, 0, None, run)
+        self.state = replace(self.state, status="running", run=run)
+        journal = self.out / STATE_DIR / JOURNAL
+        try:
+            if resume is not None:
+                self.recorded = self._read_journal(journal, resume.frames)
+            self.bag_writer = SafeBagWriter(self.out_bag, resume=resume is not None,
+                                            custom_data=self.state.custom_data())
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            self.journal = journal.open("a", encoding="utf8")
+        except OSError as err:
+            raise _write_failed(err, self.state, self.out_bag) from None
+        self._last_commit = time.monotonic()
+        self._frames_committed = self.state.frames
+        self._last_stamp = self.state.last_stamp_ns
+        self._finished = False  # closed, failed or discarded: nothing more to do on an error
 
-    def _conn(self, topic: str, msgtype: str, store: Any) -> Any:
-        if topic not in self.conns:
-            self.conns[topic] = self.writer.add_connection(topic, msgtype, typestore=store)
-            self.counts[topic] = 0
-        return self.conns[topic]
+    @property
+    def messages_done(self) -> int:
+        """Input messages already in the committed output (0 for a new run)."""
+        return self.state.messages
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.bag_writer.counts
+
+    def _read_journal(self, path: Path, frames: int) -> list[FrameRecord]:
+        """The first `frames` records (those committed); later lines were written after the last commit."""
+        try:
+            lines = path.read_text(encoding="utf8").splitlines()[:frames] if frames else []
+            records = [_record_from_json(line) for line in lines]
+        except (OSError, json.JSONDecodeError, TypeError, KeyError) as err:
+            raise BagError(f"cannot resume {self.out_bag}: its journal {path} is unreadable ({err}); pass "
+                           "--overwrite to start again") from None
+        if len(records) < frames:
+            raise BagError(f"cannot resume {self.out_bag}: its journal {path} holds {len(records)} of the {frames} "
+                           "committed frames; pass --overwrite to start again")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf8")
+        os.replace(tmp, path)
+        return records
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            self.fail()
+            raise _write_failed(err, self.state, self.out_bag) from None
+
+    def _conn(self, topic: str, msgtype: str, store: Any) -> int:
+        if topic not in self._conns:
+            self._conns[topic] = self.bag_writer.add_connection(topic, msgtype, store)
+        return self._conns[topic]
 
     def copy(self, topic: str, msgtype: str, t: int, raw: bytes, msg: Any) -> None:
         """Copy an input message: raw CDR as is; ROS 1 messages converted to their ROS 2 form (Header loses seq)."""
@@ -199,16 +452,94 @@ class _Output:
             msg2 = migrate_message(self.bag.typestore, M.typestore(), msgtype, msgtype, self._migrations, msg)
             self.write(topic, msgtype, t, msg2)
             return
-        self.writer.write(self._conn(topic, msgtype, self.bag.typestore), t, raw)
-        self.counts[topic] += 1
+        with self._writing():
+            self.bag_writer.write(self._conn(topic, msgtype, self.bag.typestore), t, raw)
 
     def write(self, topic: str, msgtype: str, t: int, msg: Any) -> None:
         store = M.typestore()
-        self.writer.write(self._conn(topic, msgtype, store), t, store.serialize_cdr(msg, msgtype))
-        self.counts[topic] += 1
+        with self._writing():
+            self.bag_writer.write(self._conn(topic, msgtype, store), t, store.serialize_cdr(msg, msgtype))
 
-    def close(self) -> None:
-        self.writer.close()
+    def frame(self, t: int, frame_id: str, record: FrameRecord, result: FrameResult,
+              image: np.ndarray | None) -> None:
+        """One captioned pair: its caption array, annotations and (with `options.annotated`) annotated image, all
+        logged at `t` (the input message that completed the pair), and its record in the journal."""
+        o = self.options
+        header = C.header_msg(record.stamp_ns, frame_id)
+        self.write(o.caption_topic, M.CAPTION_ARRAY, t, C.caption_array_msg(result, header, ages=record.ages or None))
+        self.write(o.annotations_topic, M.IMAGE_ANNOTATIONS, t, C.image_annotations_msg(record.regions, header))
+        if image is not None and o.annotated:
+            self.write(o.annotated_topic, M.IMAGE, t, C.image_to_msg(draw_captions(image, record.regions), header))
+        with self._writing():
+            self.journal.write(_record_to_json(record) + "\n")
+        self._last_stamp = record.stamp_ns
+
+    def checkpoint(self, messages: int, frames: int, *, force: bool = False) -> None:
+        """Commit the first `messages` input messages (and their `frames` frames) when due: new frames, and
+        `checkpoint_s` seconds since the last commit."""
+        due = time.monotonic() - self._last_commit >= self.checkpoint_s
+        if frames > self._frames_committed and (due or force):
+            self._commit("running", messages, frames)
+
+    def _commit(self, status: str, messages: int, frames: int) -> None:
+        with self._writing():
+            self.journal.flush()
+            os.fsync(self.journal.fileno())
+            state = replace(self.state, status=status, frames=frames, messages=messages,
+                            last_stamp_ns=self._last_stamp)
+            self.bag_writer.commit(state.custom_data())
+            self.state = state
+        self._last_commit = time.monotonic()
+        self._frames_committed = frames
+
+    def close(self, messages: int, frames: int) -> None:
+        """Commit everything as a complete run; the journal is no longer needed (the report holds the records)."""
+        self._commit("complete", messages, frames)
+        self._finished = True
+        self.journal.close()
+        (self.out / STATE_DIR / JOURNAL).unlink(missing_ok=True)
+
+    def fail(self) -> None:
+        """Drop what was not committed; record the run as interrupted when the disk still allows it."""
+        if self._finished:
+            return
+        self._finished = True
+        self.bag_writer.abort()
+        with contextlib.suppress(OSError):
+            self.bag_writer.commit(replace(self.state, status="interrupted").custom_data())
+        with contextlib.suppress(OSError):
+            self.journal.close()
+
+    def discard(self) -> None:
+        """Remove the whole output (a run that produced no frame)."""
+        self._finished = True
+        self.bag_writer.abort()
+        with contextlib.suppress(OSError):
+            self.journal.close()
+        shutil.rmtree(self.out_bag, ignore_errors=True)
+        (self.out / STATE_DIR / JOURNAL).unlink(missing_ok=True)
+
+
+class _Recorded:
+    """The model's stand-in on the frames a resumed replay had committed: the journal's captions and stats, handed
+    back exactly as the model returned them (only the regions it was asked for: those the cache did not cover)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.record: FrameRecord | None = None
+
+    def caption(self, image: np.ndarray, regions: list[RegionInput], **_: Any) -> FrameResult:
+        rec = self.record
+        assert rec is not None
+        if rec.error:  # the model refused the frame then; it refuses it again
+            raise ImageInputError(rec.error)
+        fresh = [r for r in rec.regions if not r.cached]
+        if len(fresh) != len(regions):
+            raise BagError(f"cannot resume: frame {rec.index} (stamp {rec.stamp_ns}) asks for {len(regions)} "
+                           f"captions, the interrupted run computed {len(fresh)}; the input bag changed? Pass "
+                           "--overwrite to start again")
+        stats = FrameStats(nfe=rec.nfe, tokens=rec.tokens, tpf=rec.tpf, latency_ms={"total": rec.latency_ms})
+        return FrameResult([replace(r, index=i) for i, r in enumerate(fresh)], stats, self.name)
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -256,83 +587,118 @@ def _preview(image: np.ndarray, regions: list[RegionCaption]) -> bytes:
 
 # ------------------------------------------------------------------------------------------------------------ main
 def replay(bag_path: Path | str, out: Path | str, captioner: CaptionerLike, options: ReplayOptions, *,
-           overwrite: bool = False, progress: bool = False) -> ReplayResult:
-    """Caption every pair of `bag_path` and write `out`/bag; see the module docstring for the rules."""
+           overwrite: bool = False, resume: bool = False, progress: bool = False,
+           checkpoint_s: float = CHECKPOINT_S) -> ReplayResult:
+    """Caption every pair of `bag_path` and write `out`/bag; see the module docstring for the rules.
+
+    `resume`: continue the interrupted replay in `out` (a fresh run when there is none); `checkpoint_s`: seconds of
+    work between commits of the output (0: after every frame).
+    """
     t_start = time.perf_counter()
+    out = Path(out)
     with open_bag(bag_path) as bag:
-        image_info = _check_topic(bag, options.image_topic, "--image-topic", IMAGE_TYPES)
+        image_info, region_topic, topics = _check_request(bag, options)
         from_mask = options.mask_topic is not None
-        region_topic = options.region_topic
-        _check_topic(bag, region_topic, "--mask-topic" if from_mask else "--detections-topic",
-                                   (M.IMAGE,) if from_mask else (M.DETECTION_ARRAY,))
-        topics = {options.image_topic, region_topic}
-        if options.detections_topic and from_mask:  # copied along, not used for regions
-            _check_topic(bag, options.detections_topic, "--detections-topic", (M.DETECTION_ARRAY,))
-            topics.add(options.detections_topic)
-        out_bag = prepare_output(Path(out), Path(bag_path), overwrite)
+        check_output(out, bag_path, overwrite, resume)  # before the lock creates OUT
+        with _locked(out):
+            out_bag = prepare_output(out, Path(bag_path), overwrite, resume)
+            state = replay_state(out_bag) if resume and out_bag.is_dir() else None
+            state = state if state is not None and state.unfinished else None
+            run = _run_info(Path(bag_path), options, captioner.name)
+            if state is not None:
+                _check_same_run(state, run, out_bag)
+                log.warning("resuming %s: %s", out_bag, state.describe())
+            writer = ReplayWriter(out, bag, options, run, resume=state, checkpoint_s=checkpoint_s)
+            try:
+                result = _run(bag, bag_path, writer, captioner, options, image_info, region_topic, topics,
+                              from_mask, progress)
+                result = replace(result, wall_s=time.perf_counter() - t_start)
+            except BaseException:
+                writer.fail()
+                raise
+    return result
 
-        sync: StampSync[tuple[Any, str], Any] = StampSync(slop_s=options.slop_s, queue_size=options.queue_size)
-        frames: list[FrameRecord] = []
-        skipped: list[SkippedMessage] = []
-        previews: dict[int, bytes] = {}
-        output = _Output(out_bag, bag)
-        cache = CaptionCache(options.cache_max_age_s, options.cache_iou_threshold,
-                             untracked_iou=options.cache_untracked_iou) if options.cache else None
-        bar = None
-        if progress:
-            from tqdm import tqdm
 
-            bar = tqdm(total=image_info.count, desc="replay", unit="frame", leave=False, dynamic_ncols=True)
-        try:
-            for topic, t, raw in bag.messages(topics):
-                msgtype = bag.topics[topic].msgtype
-                try:
-                    msg = bag.deserialize(raw, msgtype)
-                    stamp = C.stamp_ns(msg.header)
-                except (BagError, AttributeError) as err:
-                    skipped.append(SkippedMessage(topic, t, str(err)))
-                    log.warning("skipped a message on %s at log time %d: %s", topic, t, err)
-                    continue
-                output.copy(topic, msgtype, t, raw, msg)
-                if topic == options.image_topic:
-                    pairs = sync.add_image(stamp, (msg, msgtype))
-                    if bar is not None:
-                        bar.update(1)
-                elif topic == region_topic:
-                    pairs = sync.add_regions(stamp, msg)
+def _run(bag: InputBag, bag_path: Path | str, writer: ReplayWriter, captioner: CaptionerLike,
+         options: ReplayOptions, image_info: TopicInfo, region_topic: str, topics: set[str], from_mask: bool,
+         progress: bool) -> ReplayResult:
+    sync: StampSync[tuple[Any, str], Any] = StampSync(slop_s=options.slop_s, queue_size=options.queue_size)
+    frames: list[FrameRecord] = []
+    skipped: list[SkippedMessage] = []
+    previews: dict[int, bytes] = {}
+    cache = CaptionCache(options.cache_max_age_s, options.cache_iou_threshold,
+                         untracked_iou=options.cache_untracked_iou) if options.cache else None
+    recorded, stand_in = writer.recorded, _Recorded(captioner.name)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=image_info.count, desc="replay", unit="frame", leave=False, dynamic_ncols=True)
+    seen = 0  # input messages processed
+    try:
+        for n, (topic, t, raw) in enumerate(bag.messages(topics)):
+            seen = n + 1
+            again = n < writer.messages_done  # already in the committed output of the interrupted run
+            if n == writer.messages_done and len(frames) != len(recorded):
+                raise _differs(writer, len(frames))
+            if not again:
+                writer.checkpoint(n, len(frames))
+            msgtype = bag.topics[topic].msgtype
+            try:
+                msg = bag.deserialize(raw, msgtype)
+                stamp = C.stamp_ns(msg.header)
+            except (BagError, AttributeError) as err:
+                skipped.append(SkippedMessage(topic, t, str(err)))
+                log.warning("skipped a message on %s at log time %d: %s", topic, t, err)
+                continue
+            if not again:
+                writer.copy(topic, msgtype, t, raw, msg)
+            if topic == options.image_topic:
+                pairs = sync.add_image(stamp, (msg, msgtype))
+                if bar is not None:
+                    bar.update(1)
+            elif topic == region_topic:
+                pairs = sync.add_regions(stamp, msg)
+            else:
+                continue
+            for pair in pairs:
+                k = len(frames)
+                if k < len(recorded):  # committed before: the journal's captions, the same cache updates
+                    stand_in.record = recorded[k]
+                    record, result, image = _caption_pair(k, pair, stand_in, options, from_mask, cache)
+                    if (record.stamp_ns, [r.caption for r in record.regions]) != (
+                            recorded[k].stamp_ns, [r.caption for r in recorded[k].regions]):
+                        raise _differs(writer, k)
+                    record = recorded[k]
                 else:
-                    continue
-                for pair in pairs:
-                    record, result, image = _caption_pair(len(frames), pair, captioner, options, from_mask, cache)
-                    frames.append(record)
-                    header = C.header_msg(pair.stamp, str(pair.image[0].header.frame_id))
-                    output.write(options.caption_topic, M.CAPTION_ARRAY, t,
-                                 C.caption_array_msg(result, header, ages=record.ages or None))
-                    output.write(options.annotations_topic, M.IMAGE_ANNOTATIONS, t,
-                                 C.image_annotations_msg(record.regions, header))
-                    if image is not None and options.annotated:
-                        drawn = draw_captions(image, record.regions)
-                        output.write(options.annotated_topic, M.IMAGE, t, C.image_to_msg(drawn, header))
-                    if image is not None and record.index < PREVIEW_FRAMES:
-                        previews[record.index] = _preview(image, record.regions)
-            sync.flush()
-        finally:
-            output.close()
-            if bar is not None:
-                bar.close()
-
-        counters = sync.counters()
-        result = ReplayResult(
-            bag=str(bag_path), storage=bag.storage, out_bag=out_bag, options=options,
-            model=captioner.name, topics=dict(bag.topics), frames=frames, sync=counters, skipped=skipped,
-            damage=list(bag.damage), written=dict(output.counts), wall_s=time.perf_counter() - t_start,
-            previews=previews)
+                    record, result, image = _caption_pair(k, pair, captioner, options, from_mask, cache)
+                frames.append(record)
+                if not again:
+                    writer.frame(t, str(pair.image[0].header.frame_id), record, result, image)
+                if image is not None and record.index < PREVIEW_FRAMES:
+                    previews[record.index] = _preview(image, record.regions)
+        sync.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+    if len(frames) < len(recorded) or seen < writer.messages_done:
+        raise _differs(writer, len(frames))
+    result = ReplayResult(
+        bag=str(bag_path), storage=bag.storage, out_bag=writer.out_bag, options=options, model=captioner.name,
+        topics=dict(bag.topics), frames=frames, sync=sync.counters(), skipped=skipped, damage=list(bag.damage),
+        written=writer.counts, wall_s=0.0, previews=previews)
     try:
         _check_pairs(result, region_topic)
     except BagError:
-        shutil.rmtree(out_bag, ignore_errors=True)  # a copy of the input without captions helps nobody
+        writer.discard()  # a copy of the input without captions helps nobody
         raise
-    return result
+    writer.close(seen, len(frames))
+    return replace(result, written=writer.counts)
+
+
+def _differs(writer: ReplayWriter, frame: int) -> BagError:
+    return BagError(f"cannot resume {writer.out_bag}: the input gives other frames than the interrupted run did "
+                    f"(from frame {frame} on); the bag changed? Pass --overwrite to start again")
 
 
 def _caption_pair(index: int, pair: Any, captioner: CaptionerLike, options: ReplayOptions, from_mask: bool,

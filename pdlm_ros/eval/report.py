@@ -34,7 +34,7 @@ from pdlm_ros.eval.scoring import Scores, _mean, score_judgements
 
 __all__ = ["Summary", "TrackStability", "CaptionScores", "ReplayReport", "ReportPaths", "build_report",
            "summarize", "stability", "score_captions", "summary_rows", "write_reports", "TABLE2_HEAD", "table2_cells",
-           "write_benchmark_report"]
+           "write_benchmark_report", "write_many_reports"]
 
 PLOT_NAME = "latency_vs_regions.png"
 _MAX_TABLE_ROWS = 2000  # captions listed in the HTML table; the JSON report always has them all
@@ -416,4 +416,53 @@ def write_benchmark_report(report: Any, out: Path | str) -> tuple[Path, Path]:
     paths = (out / f"{stem}.json", out / f"{stem}.html")
     atomic_write_text(paths[0], json.dumps(doc, indent=1) + "\n")
     atomic_write_text(paths[1], _bench_html(doc))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- many bags at once
+def _many_html(doc: dict[str, Any]) -> str:
+    t = doc["totals"]
+    sc = t["scores"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>pdlm_ros replay-many: {t['bags']} bags"
+             f"</title><style>{_CSS}</style></head><body>",
+             f"<h1>Replay of {t['bags']} bags</h1>",
+             _table(["metric", "value"], [
+                 ("model", doc["model"]),
+                 ("Ray", f"{doc['ray_address']}, {doc['nodes']} node(s), {doc['workers']} workers, "
+                         f"{doc['gpus_per_worker']} GPU each, {doc['batch_frames']} frames per worker call"),
+                 ("bags", f"{t['done']} replayed, {t['skipped']} already done, {t['failed']} failed"),
+                 ("frames / regions", f"{t['frames']} / {t['regions']}"),
+                 ("this run", f"{t['frames_this_run']} frames, {t['regions_this_run']} regions in {doc['wall_s']:.1f}"
+                              f" s: {_fmt(t['frames_per_s'], '.2f')} frames/s, "
+                              f"{_fmt(t['regions_per_s'], '.2f')} regions/s"),
+                 ("ParaDLC Pos / Neg / Avg (all bags)",
+                  "no annotations" if sc is None else f"{sc['pos']:.1f} / {_fmt(sc['neg'])} / {sc['avg']:.1f} % "
+                                                      f"({sc['regions']} regions of {sc['bags']} bags, rule judge)"),
+                 ("created (UTC)", doc["created"])])]
+    if doc["failures"]:
+        parts.append("<div class='warn'>" + "<br>".join(html.escape(f"{f['bag']}: {f['error']}")
+                                                          for f in doc["failures"]) + "</div>")
+    rows = []
+    for b in doc["bags"]:
+        s = b.get("scores")
+        link = f"<a href='{html.escape(b['report'])}'>{html.escape(b['name'])}</a>" if b.get("report") else \
+            html.escape(b["name"])
+        cells = [b["bag"], b["status"], b.get("frames", ""), b.get("regions", ""),
+                 _fmt(b.get("regions_per_s"), ".2f") if b["status"] != "failed" else "",
+                 "" if not s else f"{s['pos']:.1f} / {_fmt(s['neg'])} / {s['avg']:.1f}", b["error"]]
+        rows.append("<tr><td>" + link + "</td>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ["output", "bag", "status", "frames", "regions", "regions/s (model)",
+                                            "Pos / Neg / Avg %", "error"])
+    parts += ["<h2>Bags</h2>", f"<table><tr>{head}</tr>{''.join(rows)}</table>", "</body></html>"]
+    return "\n".join(parts)
+
+
+def write_many_reports(doc: dict[str, Any], out: Path | str) -> tuple[Path, Path]:
+    """The merged report of `replay-many` (`pdlm_ros.eval.replay_many.merged_report`): OUT/report.json and
+    OUT/report.html with a row and a link per bag, each written through a temporary file and a rename."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = (out / "report.json", out / "report.html")
+    atomic_write_text(paths[0], json.dumps(_finite(doc), indent=1) + "\n")
+    atomic_write_text(paths[1], _many_html(doc))
     return paths

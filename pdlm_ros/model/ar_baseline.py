@@ -1,4 +1,4 @@
-"""Autoregressive region captioner of the same width and depth: the cost baseline for the parallel decoder.
+"""Autoregressive region captioners: the cost baseline, and the trained twin the diffusion model is measured against.
 
 This is what an AR region captioner (DAM, GAR style) pays for the same job: a causal decoder with a KV cache, greedy
 decoding, one region at a time, one token per forward pass. It reuses the diffusion decoder's modules by composition
@@ -11,6 +11,12 @@ The prefix K/V are computed once per frame and shared by all regions (an AR capt
 parallel decoder gets); each region then prefills its RoI tokens and generates L tokens, always L (no early stop at
 end-of-text) so that the token count matches the diffusion modes, which always decode L positions per region.
 
+The twin (`objective: ar` in a checkpoint's config) is a PerceptionDLM of the same preset, vision tower and RoI
+replay, trained left to right with `next_token_loss` on the same scenes: causal attention throughout (prefix
+included), region k sees the prefix and its own block, caption slot j holds token j and predicts token j + 1 (the last
+RoI token predicts token 0). `decode_twin` captions one region at a time with the KV cache and stops at EOS, as an AR
+captioner does; `Captioner` runs it as mode `ar`.
+
 Dims: P prefix tokens, R RoI tokens, L caption tokens, T new tokens in one forward, H heads, D head dim, C d_model.
 """
 
@@ -22,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from pdlm_ros.errors import ConfigError
+from pdlm_ros.model.attention import segment_mask
 from pdlm_ros.model.decoder import LLaDADecoder
 
-__all__ = ["KVCache", "ARDecodeResult", "ARRegionDecoder"]
+__all__ = ["KVCache", "ARDecodeResult", "ARRegionDecoder", "next_token_loss", "teacher_forced_logits", "decode_twin"]
 
 
 @dataclass
@@ -135,3 +142,72 @@ class ARRegionDecoder:
         """prefix (P, C) embeddings, roi (N, R, C) RoI tokens -> (N, L) greedy tokens (prefix run once)."""
         cache = self.prefix_cache(prefix, roi.shape[1] + caption_len)
         return self.decode_regions(cache, roi, caption_len)
+
+
+# -- the trained twin ------------------------------------------------------------------------------------------------
+def _slot_embeddings(model, tokens: torch.Tensor, roi: torch.Tensor, start: int = 0) -> torch.Tensor:  # noqa: ANN001
+    """Caption inputs (N, T) at slots start.. of regions with RoI tokens roi (N, R, C) -> (N, T, C): the diffusion
+    model's span embedding (token + slot embedding + region query), so both objectives train the same modules."""
+    x = model.decoder.wte(tokens)
+    if model.span_position is not None:
+        x = x + model.span_position[start:start + tokens.shape[1]]
+    if model.span_query is not None:
+        x = x + model.span_query(roi.mean(dim=1)).unsqueeze(1)
+    return x
+
+
+def next_token_loss(model, rgb, regions, targets: torch.Tensor, eos_id: int) -> torch.Tensor:  # noqa: ANN001
+    """Teacher-forced CE of all regions of one frame in one packed causal forward. targets (N, L), EOS-padded;
+    tokens after a caption's first EOS are not scored (decoding stops there)."""
+    frame = model.encode_frame(rgb)
+    logits = teacher_forced_logits(model, frame, model.roi_tokens(frame, regions), targets)  # (N, L, V)
+    scored = (targets == eos_id).long().cumsum(1) - (targets == eos_id).long() == 0  # up to the first EOS
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (N, L)
+    return (ce * scored).sum() / scored.sum()
+
+
+def teacher_forced_logits(model, frame, roi: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """roi (N, R, C), targets (N, L) -> (N, L, V): logits of token j given the prefix, the RoI tokens and tokens < j,
+    every region in one packed forward (region k sees the prefix and its own block, causally)."""
+    n, r = roi.shape[:2]
+    length = targets.shape[1]
+    blocks = torch.cat([roi, _slot_embeddings(model, targets[:, :-1], roi)], dim=1)  # (N, R+L-1, C)
+    p, b = frame.prefix.shape[0], r + length - 1
+    x = torch.cat([frame.prefix, blocks.flatten(0, 1)])
+    dev = roi.device
+    positions = torch.cat([torch.arange(p, device=dev), torch.arange(p, p + b, device=dev).repeat(n)])
+    segments = torch.cat([torch.zeros(p, dtype=torch.long, device=dev),
+                          torch.arange(1, n + 1, device=dev).repeat_interleave(b)])
+    causal = torch.ones(x.shape[0], x.shape[0], dtype=torch.bool, device=dev).tril()  # the prefix comes first
+    h = model.decoder.forward_dense(x, positions, segment_mask(segments) & causal)
+    return model.decoder.logits(h[p:].view(n, b, -1)[:, r - 1:])  # (N, L, V): last RoI token, then slots
+
+
+@torch.inference_mode()
+def decode_twin(model, frame, roi: torch.Tensor, caption_len: int, eos_id: int  # noqa: ANN001
+                ) -> tuple[list[list[int]], list[float], int]:
+    """Greedy captions of regions roi (N, R, C), one region after another against the frame's cached prefix, each
+    stopping at EOS. -> (token ids per region without EOS, mean confidence per region, NFE)."""
+    dec = ARRegionDecoder(model.decoder)
+    cache = dec.prefix_cache(frame.prefix, roi.shape[1] + caption_len)
+    p = cache.length
+    ids_out, conf_out, nfe = [], [], 0
+    for k in range(roi.shape[0]):
+        cache.length = p  # the previous region must not influence this one
+        h = dec.forward(roi[k], cache)  # (R, C) prefill
+        ids, probs = [], []
+        for slot in range(caption_len):
+            prob = model.decoder.logits(h[-1:]).float().softmax(-1)[0]  # (V,)
+            nfe += 1
+            tok = int(prob.argmax())
+            probs.append(float(prob[tok]))
+            if tok == eos_id:
+                break
+            ids.append(tok)
+            if slot + 1 < caption_len:
+                h = dec.forward(_slot_embeddings(model, torch.tensor([[tok]], device=roi.device), roi[k:k + 1],
+                                                 slot)[0], cache)
+        ids_out.append(ids)
+        conf_out.append(sum(probs) / len(probs))
+    cache.length = p
+    return ids_out, conf_out, nfe

@@ -5,7 +5,8 @@ up_proj,ff_out,attn_norm,ff_norm}`, `ln_f`, untied `ff_out` head) so loading is 
 
 Three ways to run it, one set of weights:
 - `forward_prefix`: the prefix alone (it never sees region tokens), returning per-layer K/V for the cache;
-- `forward_regions`: N region blocks against a cached prefix (the fast path, exact by construction);
+- `forward_regions`: N region blocks against a cached prefix (the fast path, exact by construction), or against
+  several frames' prefixes stacked (`PrefixCache.stack`), each block reading its own frame's (`prefix_index`);
 - `forward_dense`: one packed sequence with an explicit (T, T) mask (the reference, and the no-cache/no-mask modes;
   the official layout's full forward, which can also return every layer's K/V);
 - `forward_partial`: Q positions of a sequence recomputed against cached K/V of all T positions (the official
@@ -73,14 +74,39 @@ class RotaryEmbedding(nn.Module):
 
 @dataclass
 class PrefixCache:
-    """Per-layer keys/values of the prefix, after RoPE. keys[i], values[i]: (H, P, D)."""
+    """Per-layer keys/values of the prefix, after RoPE. keys[i], values[i]: (H, P, D).
+
+    A stacked cache (several frames, `stack`) holds their prefixes one after the other along P; `offsets` are the
+    F+1 starts (the last is the total), empty for one frame."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    offsets: tuple[int, ...] = ()
 
     @property
     def length(self) -> int:
         return self.keys[0].shape[1]
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Prefix length of every frame (one value for an unstacked cache)."""
+        if not self.offsets:
+            return (self.length,)
+        return tuple(b - a for a, b in zip(self.offsets, self.offsets[1:]))
+
+    @staticmethod
+    def stack(caches: "list[PrefixCache]") -> "PrefixCache":
+        """Several frames' caches as one (copied once per pass, not per step)."""
+        if not caches or any(c.offsets for c in caches):
+            raise ValueError("stack takes one or more one-frame prefix caches")
+        offsets = [0]
+        for c in caches:
+            offsets.append(offsets[-1] + c.length)
+        if len(caches) == 1:
+            return PrefixCache(caches[0].keys, caches[0].values, tuple(offsets))
+        layers = range(len(caches[0].keys))
+        return PrefixCache([torch.cat([c.keys[i] for c in caches], dim=1) for i in layers],
+                           [torch.cat([c.values[i] for c in caches], dim=1) for i in layers], tuple(offsets))
 
 
 class LLaDABlock(nn.Module):
@@ -144,16 +170,42 @@ class LLaDADecoder(nn.Module):
                 h = block.finish(h, full_attention(q, k, v))
         return PrefixCache(keys, values)
 
-    def forward_regions(self, x: torch.Tensor, cache: PrefixCache, attn_impl: str = "shared_prefix") -> torch.Tensor:
-        """x (N, S, C) region blocks; every block takes positions P..P+S-1 (order-free). -> hidden (N, S, C)."""
-        p = cache.length
-        pos = torch.arange(p, p + x.shape[1], device=x.device)
-        cos, sin = self.rope.cos_sin(pos)
+    def forward_regions(self, x: torch.Tensor, cache: PrefixCache, attn_impl: str = "shared_prefix",
+                        prefix_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, S, C) region blocks; every block takes positions P..P+S-1 (order-free). -> hidden (N, S, C).
+
+        A stacked cache needs `prefix_index` (N,): the frame of every block, whose prefix it reads and whose prefix
+        length P its positions start at (so each block computes what it computes against its frame alone)."""
+        if prefix_index is None and cache.offsets:
+            raise ValueError("a stacked prefix cache needs prefix_index: the frame of every region")
+        if prefix_index is None:
+            p = cache.length
+            pos = torch.arange(p, p + x.shape[1], device=x.device)
+            cos, sin = self.rope.cos_sin(pos)
+            offsets = None
+        else:
+            cos, sin, offsets = self._frame_rope(x, cache, prefix_index)
         h = x
         for block, pk, pv in zip(self.blocks, cache.keys, cache.values):
             q, k, v = block.qkv(h, cos, sin)  # (N, H, S, D)
-            h = block.finish(h, region_attention(q, k, v, pk, pv, impl=attn_impl))
+            h = block.finish(h, region_attention(q, k, v, pk, pv, impl=attn_impl, prefix_index=prefix_index,
+                                                 prefix_offsets=offsets))
         return h
+
+    def _frame_rope(self, x: torch.Tensor, cache: PrefixCache, prefix_index: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos/sin (N, 1, S, D) at each block's own positions P_f..P_f+S-1, and the offsets as a tensor."""
+        lengths = cache.lengths
+        index = prefix_index.tolist()  # checked once per forward, not in every layer
+        if prefix_index.shape != (x.shape[0],) or any(not 0 <= f < len(lengths) for f in index):
+            raise ValueError(f"prefix_index must name one of the {len(lengths)} stacked frames for each of the "
+                             f"{x.shape[0]} regions; got {index}")
+        s = x.shape[1]
+        pos = torch.cat([torch.arange(p, p + s, device=x.device) for p in lengths])  # (F*S,)
+        cos, sin = self.rope.cos_sin(pos)
+        cos, sin = (t.view(len(lengths), s, -1)[prefix_index.to(x.device)].unsqueeze(1) for t in (cos, sin))
+        offsets = torch.tensor(cache.offsets or (0, cache.length), dtype=torch.long, device=x.device)
+        return cos, sin, offsets
 
     def forward_dense(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                       return_kv: bool = False):  # noqa: ANN201

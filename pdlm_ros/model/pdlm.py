@@ -3,7 +3,8 @@
 Sequence layout (DESIGN.md): prefix = [visual tokens of every view][shared prompt tokens] at positions 0..P-1; then per
 region k a block [R RoI tokens][L caption tokens] at positions P..P+R+L-1, the same for every region.
 Attention: the prefix sees the prefix; region k sees the prefix and region k. So the prefix K/V are computed once
-per frame and every denoising step runs only the N x (R + L) region tokens.
+per frame and every denoising step runs only the N x (R + L) region tokens. Regions of several frames can share a
+step: their prefixes' K/V stacked, each region reading its own frame's (`region_logits(..., prefix_index=...)`).
 
 Dims: N regions, R RoI tokens, L caption tokens, P prefix tokens, C decoder width, V vocabulary.
 
@@ -118,10 +119,13 @@ class PerceptionDLM(nn.Module):
 
     # -- one denoising forward -----------------------------------------------------------------------------------------
     def region_logits(self, roi: torch.Tensor, tokens: torch.Tensor, cache: PrefixCache,
-                      attn_impl: str = "shared_prefix") -> torch.Tensor:
-        """Fast path. roi (N, R, C), tokens (N, L) -> caption logits (N, L, V), against the cached prefix."""
+                      attn_impl: str = "shared_prefix", prefix_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Fast path. roi (N, R, C), tokens (N, L) -> caption logits (N, L, V), against the cached prefix.
+
+        Several frames in one pass: `cache` stacks their prefixes (`PrefixCache.stack`) and prefix_index (N,) names
+        each region's frame; every region's logits are those it has against its own frame alone."""
         x = torch.cat([roi, self.span_embeddings(tokens, roi)], dim=1)  # (N, R+L, C)
-        h = self.decoder.forward_regions(x, cache, attn_impl)
+        h = self.decoder.forward_regions(x, cache, attn_impl, prefix_index)
         return self.decoder.logits(h[:, roi.shape[1]:])
 
     def dense_logits(self, prefix: torch.Tensor, roi: torch.Tensor, tokens: torch.Tensor,

@@ -20,83 +20,21 @@ image and masks so that a large frame is never converted to a float tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pdlm_ros.model.config import RegionConfig
-from pdlm_ros.types import RegionInput
+from pdlm_ros.region_rules import (DEFAULT_REGION_BUDGET, MIN_REGION_SIDE, PreparedRegion, apply_region_budget,
+                                   budget_refusal, mask_box, prepare_regions, select_within_budget)
 
-__all__ = ["PreparedRegion", "mask_box", "prepare_regions", "RegionEncoder", "roi_points"]
+__all__ = ["PreparedRegion", "mask_box", "prepare_regions", "RegionEncoder", "roi_points", "MIN_REGION_SIDE",
+           "DEFAULT_REGION_BUDGET", "select_within_budget", "apply_region_budget", "budget_refusal"]
 
-
-@dataclass(frozen=True)
-class PreparedRegion:
-    index: int  # position in the request
-    box: tuple[float, float, float, float]  # clipped to the image, x2/y2 exclusive
-    mask: np.ndarray | None  # (H, W) bool, or None for a box region
-
-
-def _fmt_box(box: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:g}" for v in box) + ")"
-
-
-def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
-    """The pixel box (x1, y1, x2, y2), exclusive ends, around a mask's set pixels; None for an empty mask."""
-    ys = np.flatnonzero(mask.any(axis=1))
-    if ys.size == 0:
-        return None
-    xs = np.flatnonzero(mask.any(axis=0))
-    return (float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1))
-
-
-def prepare_regions(regions: Sequence[RegionInput], width: int, height: int) -> tuple[list[PreparedRegion], dict[int, str]]:
-    """Validate regions against a width x height image.
-
-    Returns the usable regions and, for every refused one, an error message by request index. Rules: a mask wins
-    over a box and must match the image size and have at least one pixel; a box must have finite coordinates with
-    x1 < x2 and y1 < y2; a box partly outside the image is clipped, one entirely outside is refused.
-    """
-    good: list[PreparedRegion] = []
-    errors: dict[int, str] = {}
-    for i, reg in enumerate(regions):
-        if reg.mask is not None:
-            mask = np.asarray(reg.mask)
-            if mask.shape != (height, width):
-                errors[i] = f"mask shape {mask.shape} does not match the {width}x{height} image (expected {(height, width)})"
-                continue
-            mask = mask.astype(bool, copy=False)
-            box = mask_box(mask)
-            if box is None:
-                errors[i] = "mask is empty (no pixel set)"
-                continue
-            good.append(PreparedRegion(i, box, mask))
-            continue
-        if reg.box is None:
-            errors[i] = "region has neither a box nor a mask"
-            continue
-        try:
-            x1, y1, x2, y2 = (float(v) for v in reg.box)
-        except (TypeError, ValueError):
-            errors[i] = f"box must be four numbers x1, y1, x2, y2; got {reg.box!r}"
-            continue
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            errors[i] = f"box has non-finite coordinates {_fmt_box((x1, y1, x2, y2))}"
-            continue
-        if x2 <= x1 or y2 <= y1:
-            errors[i] = f"box {_fmt_box((x1, y1, x2, y2))} has zero or negative area (need x1 < x2 and y1 < y2)"
-            continue
-        cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
-        if cx2 <= cx1 or cy2 <= cy1:
-            errors[i] = f"box {_fmt_box((x1, y1, x2, y2))} lies outside the {width}x{height} image"
-            continue
-        good.append(PreparedRegion(i, (cx1, cy1, cx2, cy2), None))
-    return good, errors
-
+# The input rules (validation, minimum size, per-frame budget) live in the torch-free `pdlm_ros.region_rules`, which
+# the node also uses before any model runs; they are re-exported here where the model's code has always found them.
 
 def roi_points(box: tuple[float, float, float, float], grid: int, context: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample-point coordinates (G,) along x and y, in pixels (pixel centres at i + 0.5)."""
@@ -142,6 +80,12 @@ class RegionEncoder(nn.Module):
                 layers += [nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GELU()]
             self.stem = nn.Sequential(*layers)
             self.stem_proj = nn.Linear(c, d_model)
+        self.vision_dim = vision_dim
+        self.shape: nn.Sequential | None = None
+        if cfg.roi_shape_hidden:  # the whole outline at once: mask (and pixel) samples of the G x G grid
+            cues = (channels - vision_dim) * cfg.roi_grid ** 2
+            self.shape = nn.Sequential(nn.Linear(cues, cfg.roi_shape_hidden), nn.GELU(),
+                                       nn.Linear(cfg.roi_shape_hidden, d_model))
 
     def sample(self, feature_map: torch.Tensor, image: torch.Tensor, regions: Sequence[PreparedRegion]) -> torch.Tensor:
         """feature_map (Hf, Wf, Cv), image (H, W, 3) uint8 -> samples (N, G, G, Cv + 1 [+ 3])."""
@@ -194,6 +138,9 @@ class RegionEncoder(nn.Module):
         if self.stem is not None:
             conv = self.stem(samples.permute(0, 3, 1, 2))  # (N, c, G/m, G/m)
             tokens = tokens + self.stem_proj(conv.flatten(2).transpose(1, 2))  # row-major, like the merged tokens
+        if self.shape is not None:
+            outline = self.shape(samples[..., self.vision_dim:].flatten(1))  # (N, G*G*(1 [+ 3])) -> (N, C)
+            tokens = tokens + outline.unsqueeze(1)
         return tokens + self.geometry(geometry.to(tokens)).unsqueeze(1) + self.prompt.unsqueeze(0)
 
     def forward(self, feature_map: torch.Tensor, image: torch.Tensor, regions: Sequence[PreparedRegion]) -> torch.Tensor:

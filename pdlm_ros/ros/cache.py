@@ -137,12 +137,16 @@ def reuse_cached(cache: CaptionCache, regions: Sequence[RegionInput], stamp: int
                  ) -> tuple[dict[int, tuple[RegionCaption, float]], list[int], list[Box | None]]:
     """The rule the live node and bag replay share: for each region still valid in `cache` at `stamp`, its cached
     caption (marked `cached`, placed at this region's index and box) and its age in seconds; the indices of the
-    regions to describe now; every region's box (for `remember`)."""
+    regions to describe now (a region carrying a refusal is never looked up); every region's box (for
+    `remember`)."""
     boxes = [region_box(reg) for reg in regions]
     cached: dict[int, tuple[RegionCaption, float]] = {}
     todo: list[int] = []
     taken: set[str] = set()  # untracked captions already given to a region of this frame
     for i, reg in enumerate(regions):
+        if reg.refusal:  # refused whatever the cache holds (a budget's refusal stays one); no lookup work either
+            todo.append(i)
+            continue
         hit = cache.lookup(reg.region_id, boxes[i], stamp, reg.class_id, taken)
         if hit is None:
             todo.append(i)

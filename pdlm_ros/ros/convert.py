@@ -3,7 +3,13 @@
 Images become (H, W, 3) uint8 RGB numpy arrays; Detection2DArray and instance-mask images become `RegionInput`
 lists; a `FrameResult` becomes a RegionCaptionArray. Every malformed image raises `ImageInputError` naming the
 problem (encoding, step, size). Boxes are never dropped here: a NaN, infinite or out-of-frame box is passed on as is,
-so the captioner refuses that one region with an error and the others are still described.
+so the captioner refuses that one region with an error and the others are still described; a detection whose angle
+is not finite carries its refusal.
+
+Limits, checked before anything proportional to them is allocated: an image of more than `max_pixels` pixels
+(default DEFAULT_MAX_PIXELS; a compressed image is measured from its header, before decoding), more than
+MAX_DETECTIONS detections in one array, and, for instance masks, one full-size mask only for each of the
+`max_regions` largest labels.
 
 Hand-written rather than `rosbags-image`/`cv_bridge`: those need OpenCV (a heavy, clash-prone dependency on
 robots, see the numpy 2 / cv_bridge reports) and only decode; here we need both directions and exact errors.
@@ -14,13 +20,16 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
 
-from pdlm_ros.errors import ImageInputError
+from pdlm_ros.errors import ImageInputError, RegionInputError
+from pdlm_ros.region_rules import budget_refusal
 from pdlm_ros.ros import messages as M
 from pdlm_ros.types import FrameResult, RegionCaption, RegionInput
 
@@ -40,6 +49,9 @@ __all__ = [
     "image_annotations_msg",
     "scale_regions",
     "detections_from_yolo",
+    "DEFAULT_MAX_PIXELS",
+    "MAX_DETECTIONS",
+    "COMPRESSED_FORMATS",
 ]
 
 # encoding -> (channels, bytes per channel, channel order). 8UC3/8UC4 are taken as BGR/BGRA, the order of the OpenCV
@@ -58,6 +70,14 @@ SUPPORTED_ENCODINGS: dict[str, tuple[int, int, str]] = {
 }
 _MASK_ENCODINGS = ("mono8", "8UC1", "mono16", "16UC1")
 _MAX_SIDE = 20000  # px; a larger side is a corrupt header, not a camera
+# Pixels of one input image (the node's input.max_pixels): 8K UHD is 33 MP. A 136 KB PNG can claim 12000x12000 and
+# decode to 1.5 GB, so a compressed image is measured by its header before it is decoded.
+DEFAULT_MAX_PIXELS = 50_000_000
+# Detections in one array: detectors emit hundreds at most; past this the message is refused whole, which bounds the
+# per-frame work of converting it and of the caption array that answers it (the region budget bounds the model's).
+MAX_DETECTIONS = 20_000
+COMPRESSED_FORMATS = ("JPEG", "PNG")  # what image_transport's compressed plugin sends; PIL's other decoders stay off
+_PIL_OPEN = threading.Lock()  # warnings.catch_warnings changes process-wide state: one opener at a time
 
 
 def _types() -> dict[str, Any]:
@@ -77,27 +97,53 @@ def header_msg(stamp: int, frame_id: str = "") -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------- images
-def _pixels(msg: Any, allowed: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
+def _check_pixels(w: int, h: int, max_pixels: int, what: str) -> None:
+    if not (0 < h <= _MAX_SIDE and 0 < w <= _MAX_SIDE):
+        raise ImageInputError(f"{what} size {w}x{h} is out of range (1..{_MAX_SIDE} px per side)")
+    if w * h > max_pixels:
+        raise ImageInputError(f"{what} of {w}x{h} px ({w * h} pixels) exceeds the limit of {max_pixels} pixels "
+                              "(parameter input.max_pixels)")
+
+
+def _int_field(msg: Any, name: str) -> int:
+    try:
+        return int(getattr(msg, name))
+    except (TypeError, ValueError, OverflowError, AttributeError) as err:
+        raise ImageInputError(f"image field {name!r} is not an integer: {err}") from None
+
+
+def _bytes(data: Any) -> np.ndarray:
+    """A message's byte field as a flat uint8 array (no copy for bytes and uint8 arrays)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return np.frombuffer(data, dtype=np.uint8)
+    buf = np.asarray(data)
+    if buf.dtype != np.uint8:
+        try:
+            buf = buf.astype(np.uint8)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ImageInputError(f"image data is not bytes ({buf.dtype}): {err}") from None
+    return buf.reshape(-1)
+
+
+def _pixels(msg: Any, allowed: Sequence[str] | None = None,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
     """The image as (H, W, C) uint8 or uint16 (native byte order), and its channel order. Validates everything."""
     enc = str(msg.encoding)
     if enc not in SUPPORTED_ENCODINGS or (allowed is not None and enc not in allowed):
         names = ", ".join(allowed if allowed is not None else SUPPORTED_ENCODINGS)
         raise ImageInputError(f"unsupported image encoding {enc!r}; supported: {names}")
     channels, depth, order = SUPPORTED_ENCODINGS[enc]
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if not (0 < h <= _MAX_SIDE and 0 < w <= _MAX_SIDE):
-        raise ImageInputError(f"image size {w}x{h} is out of range (1..{_MAX_SIDE} px per side)")
+    h, w, step = _int_field(msg, "height"), _int_field(msg, "width"), _int_field(msg, "step")
+    _check_pixels(w, h, max_pixels, "image")
     row = w * channels * depth
     if step < row:
         raise ImageInputError(f"image step {step} is smaller than a row of {w} px of {enc} ({row} bytes)")
-    data = msg.data
-    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data)
-    if buf.dtype != np.uint8:
-        buf = buf.astype(np.uint8)
-    if buf.size != step * h:
-        kind = "truncated" if buf.size < step * h else "longer than expected"
-        raise ImageInputError(f"image data is {kind}: {buf.size} bytes for step {step} x height {h} "
+    size = len(msg.data) if isinstance(msg.data, (bytes, bytearray)) else np.size(msg.data)
+    if size != step * h:  # before any copy: the data must be exactly what the header says
+        kind = "truncated" if size < step * h else "longer than expected"
+        raise ImageInputError(f"image data is {kind}: {size} bytes for step {step} x height {h} "
                               f"(expected {step * h})")
+    buf = _bytes(msg.data)
     rows = buf.reshape(h, step)[:, :row]
     if depth == 2:
         big = bool(msg.is_bigendian)
@@ -118,32 +164,47 @@ def _to_rgb8(arr: np.ndarray, order: str) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def image_from_msg(msg: Any) -> np.ndarray:
+def image_from_msg(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """sensor_msgs/Image -> (H, W, 3) uint8 RGB. Handles row padding (`step`) and big-endian 16-bit data."""
-    arr, order = _pixels(msg)
+    arr, order = _pixels(msg, max_pixels=max_pixels)
     rgb = _to_rgb8(arr, order)
     return rgb if rgb.flags.writeable and rgb.base is None else rgb.copy()  # never a view of the message buffer
 
 
-def image_from_compressed(msg: Any) -> np.ndarray:
-    """sensor_msgs/CompressedImage (JPEG, PNG, ...) -> (H, W, 3) uint8 RGB."""
-    data = bytes(memoryview(np.asarray(msg.data, dtype=np.uint8)))
+def _open_compressed(data: bytes) -> Any:
+    """PIL's lazy open: reads the header only. PIL's own decompression-bomb warning is ours to give (the size is
+    checked against max_pixels next), so it never reaches stderr."""
+    with _PIL_OPEN, warnings.catch_warnings():
+        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+        return PILImage.open(io.BytesIO(data), formats=COMPRESSED_FORMATS)
+
+
+def image_from_compressed(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """sensor_msgs/CompressedImage (JPEG, PNG) -> (H, W, 3) uint8 RGB. The size in the header is checked against
+    `max_pixels` before anything is decoded."""
+    fmt = str(getattr(msg, "format", ""))[:40]
+    data = _bytes(msg.data).tobytes()
     if not data:
-        raise ImageInputError(f"compressed image is empty (format {msg.format!r})")
+        raise ImageInputError(f"compressed image is empty (format {fmt!r})")
     try:
-        with PILImage.open(io.BytesIO(data)) as img:
+        img = _open_compressed(data)
+    except PILImage.DecompressionBombError as err:
+        raise ImageInputError(f"compressed image exceeds the limit of {max_pixels} pixels (parameter "
+                              f"input.max_pixels): {err}") from None
+    except Exception as err:  # noqa: BLE001 - a decoder fed hostile bytes may raise anything; it is bad input
+        raise ImageInputError(f"cannot decode compressed image (format {fmt!r}, {len(data)} bytes; JPEG or PNG "
+                              f"expected): {type(err).__name__}: {err}") from None
+    with img:
+        _check_pixels(img.width, img.height, max_pixels, "compressed image")
+        try:
             img.load()  # decode now: a truncated stream only fails here
-            if img.width > _MAX_SIDE or img.height > _MAX_SIDE:
-                raise ImageInputError(f"compressed image size {img.width}x{img.height} is out of range")
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(img).astype(np.uint32)
                 return _to_rgb8(np.minimum(arr, 65535).astype(np.uint16)[:, :, None], "mono")
             return np.array(img.convert("RGB"))  # a writable copy
-    except ImageInputError:
-        raise
-    except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as err:
-        raise ImageInputError(f"cannot decode compressed image (format {msg.format!r}, {len(data)} bytes): "
-                              f"{err}") from err
+        except Exception as err:  # noqa: BLE001 - see above
+            raise ImageInputError(f"cannot decode compressed image (format {fmt!r}, {len(data)} bytes, "
+                                  f"{img.width}x{img.height} {img.format}): {type(err).__name__}: {err}") from None
 
 
 def image_to_msg(rgb: np.ndarray, header: Any, encoding: str = "rgb8") -> Any:
@@ -185,41 +246,68 @@ def _best_hypothesis(det: Any) -> tuple[str, float]:
     return max(finite, key=lambda h: h[1]) if finite else hyps[0]
 
 
-def regions_from_detections(msg: Any, width: int, height: int) -> list[RegionInput]:
+def regions_from_detections(msg: Any, width: int, height: int,
+                            max_detections: int = MAX_DETECTIONS) -> list[RegionInput]:
     """vision_msgs/Detection2DArray -> one RegionInput per detection, in order (none is dropped).
 
-    Centre/size become (x1, y1, x2, y2); a rotated box (theta != 0) becomes the axis-aligned box around it. The best
-    hypothesis (highest finite score, else the first) gives class_id/score. `width`/`height` are the image's size;
-    they are only checked here: clipping and refusal of unusable boxes are the captioner's documented rule.
+    Centre/size become (x1, y1, x2, y2); a rotated box (finite theta != 0) becomes the axis-aligned box that holds
+    the rotated one (its caption describes that box; the published bbox is it, with theta 0). A detection whose
+    theta is NaN or infinite carries a refusal. The best hypothesis (highest finite score, else the first) gives
+    class_id/score. `width`/`height` are the image's size; they are only checked here: clipping and refusal of
+    unusable boxes are the captioner's documented rule. More than `max_detections` detections: RegionInputError.
     """
     if width < 1 or height < 1:
         raise ImageInputError(f"image size must be positive to place detections (got {width}x{height})")
+    if len(msg.detections) > max_detections:
+        raise RegionInputError(f"detection array holds {len(msg.detections)} detections, over the limit of "
+                               f"{max_detections} per message; refused whole")
     regions = []
     for i, det in enumerate(msg.detections):
         b = det.bbox
         cx, cy = float(b.center.position.x), float(b.center.position.y)
         sx, sy, theta = float(b.size_x), float(b.size_y), float(b.center.theta)
-        if theta and math.isfinite(theta):
+        refusal = "" if math.isfinite(theta) else f"box angle theta is not finite ({theta}); the box cannot be placed"
+        if theta and not refusal:
             c, s = abs(math.cos(theta)), abs(math.sin(theta))
             sx, sy = c * sx + s * sy, s * sx + c * sy
         box = (cx - sx / 2, cy - sy / 2, cx + sx / 2, cy + sy / 2)
         class_id, score = _best_hypothesis(det)
-        regions.append(RegionInput(box=box, region_id=str(det.id), source_index=i, class_id=class_id, score=score))
+        regions.append(RegionInput(box=box, region_id=str(det.id), source_index=i, class_id=class_id, score=score,
+                                   refusal=refusal))
     return regions
 
 
-def labels_from_msg(msg: Any) -> np.ndarray:
+def labels_from_msg(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An instance-mask image (mono8, 8UC1, mono16, 16UC1) -> (H, W) integer labels, 0 = background."""
-    arr, _ = _pixels(msg, allowed=_MASK_ENCODINGS)
+    arr, _ = _pixels(msg, allowed=_MASK_ENCODINGS, max_pixels=max_pixels)
     return arr[:, :, 0]
 
 
-def regions_from_instance_mask(msg: Any) -> list[RegionInput]:
-    """An instance-mask image -> one mask RegionInput per label != 0, by increasing label; `region_id` = label."""
-    labels = labels_from_msg(msg)
-    values = np.unique(labels)
-    values = values[values != 0]
-    return [RegionInput(mask=labels == v, region_id=str(int(v)), source_index=k) for k, v in enumerate(values)]
+def regions_from_instance_mask(msg: Any, max_regions: int | None = None,
+                               max_pixels: int = DEFAULT_MAX_PIXELS) -> list[RegionInput]:
+    """An instance-mask image -> one mask RegionInput per label != 0, by increasing label; `region_id` = label.
+
+    Each mask is image-sized, so with `max_regions` only the largest labels (pixel count, ties by label) get one;
+    the others carry the budget's refusal and no mask, so memory stays at `max_regions` masks whatever the labels.
+    """
+    labels = labels_from_msg(msg, max_pixels)
+    counts = np.bincount(labels.reshape(-1), minlength=1)
+    counts[0] = 0
+    values = np.flatnonzero(counts)  # increasing label
+    keep: set[int] | None = None
+    ranks: dict[int, int] = {}
+    if max_regions is not None and values.size > max_regions:
+        order = values[np.argsort(-counts[values], kind="stable")]  # largest first, ties by label
+        keep = {int(v) for v in order[:max_regions]}
+        ranks = {int(v): r for r, v in enumerate(order[max_regions:], start=max_regions + 1)}
+    out = []
+    for k, v in enumerate(int(v) for v in values):
+        if keep is None or v in keep:
+            out.append(RegionInput(mask=labels == v, region_id=str(v), source_index=k))
+        else:
+            out.append(RegionInput(region_id=str(v), source_index=k,
+                                   refusal=budget_refusal(int(max_regions or 0), int(values.size), ranks[v])))
+    return out
 
 
 def _bbox(box: Sequence[float]) -> Any:

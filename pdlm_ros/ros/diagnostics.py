@@ -27,7 +27,9 @@ _ALWAYS = ("images_in", "regions_in", "pairs", "dropped", "frames_out")  # repor
 def classify_error(message: str) -> str:
     """An error kind (a diagnostics key) for a refusal or rejection message."""
     m = message.lower()
-    rules = (("unsupported image encoding", "image_encoding"), ("compressed", "image_compressed"),
+    rules = (("region budget", "region_over_budget"), ("minimum region size", "region_too_small"),
+             ("angle theta", "region_bad_angle"), ("input.max_pixels", "image_too_large"),
+             ("unsupported image encoding", "image_encoding"), ("compressed", "image_compressed"),
              ("truncated", "image_size"), ("longer than expected", "image_size"), ("step", "image_step"),
              ("non-finite", "region_nonfinite_box"), ("outside", "region_out_of_frame"),
              ("zero or negative area", "region_empty_box"), ("mask", "region_bad_mask"), ("size", "image_size"))

@@ -12,11 +12,19 @@ the output always follows the newest input: latency is at most one frame of wait
 
 Bad input never stops the node: a rejected image or region message is logged (throttled), counted by kind in
 /diagnostics, and the next frame is processed as usual. A refused region stays in the output with its error.
-More regions than the model's max_regions are captioned in further passes (the captioner's rule); nothing is dropped.
+Work per frame is bounded whatever one message holds: an image of more than `input.max_pixels` is refused (a
+compressed one before it is decoded), and at most `regions.max_per_frame` regions are captioned, the best by
+detector score, then area; the others are refused with that reason before the cache or the model sees them. More
+regions than the model's max_regions are captioned in further passes (the captioner's rule); nothing is dropped.
+
+/diagnostics comes from a reporter thread of its own, so it keeps its period while the worker is inside a long
+inference (`busy_s` says for how long).
 
 Lifecycle (ROS 2 managed-node states): configure loads the model; activate starts the worker (reloading the model
 if deactivate freed it); deactivate stops the worker and frees the model (GPU memory goes back while inactive);
-cleanup forgets caches and counters; shutdown does whatever is left.
+cleanup forgets caches and counters; shutdown does whatever is left. A stop in the middle of a frame cancels it
+between two model forwards, and deactivate waits at most SHUTDOWN_WAIT_S for the worker, so SIGTERM ends the node
+within seconds even mid-inference.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pdlm_ros.errors import ConfigError, ImageInputError, PDLMError
+from pdlm_ros.errors import Cancelled, ConfigError, ImageInputError, PDLMError, RegionInputError
+from pdlm_ros.region_rules import apply_region_budget
 from pdlm_ros.ros import messages as M
 from pdlm_ros.ros.cache import CaptionCache, remember, reuse_cached
 from pdlm_ros.ros.convert import (caption_array_msg, header_msg, image_annotations_msg, image_from_compressed,
@@ -44,7 +53,7 @@ from pdlm_ros.ros.sync import Pair, StampSync
 from pdlm_ros.types import FrameResult, FrameStats, RegionInput
 
 __all__ = ["TopicSpec", "Outputs", "NodeCore", "input_topics", "OUTPUT_TOPICS", "load_captioner", "engine_root",
-           "model_info_msg"]
+           "model_info_msg", "abandoned_workers", "SHUTDOWN_WAIT_S"]
 
 log = logging.getLogger("pdlm_ros.node")
 
@@ -52,6 +61,20 @@ log = logging.getLogger("pdlm_ros.node")
 # camera that hiccups for 200 ms is not a restart, a 1 Hz one that skips a frame neither.
 STREAM_GAP_MIN_S = 1.0
 STREAM_GAP_PERIODS = 5.0
+# How long deactivate waits for a worker still inside one model call after the stop was asked (a forward of a
+# large model on a CPU can take longer than a cancelled frame should keep the node alive; the thread is a daemon).
+SHUTDOWN_WAIT_S = 3.0
+# Best-effort DDS drops a whole sample when one of its fragments is lost, and nothing reports it. Over loopback,
+# 640x480 rgb8 frames (0.9 MB) all arrived and about half of the 1280x720 ones (2.8 MB) did (docs/ros.md, Topics);
+# past this size a warning says so.
+BEST_EFFORT_LARGE_BYTES = 1_000_000
+_ABANDONED: list[threading.Thread] = []  # workers a stop did not end in SHUTDOWN_WAIT_S
+
+
+def abandoned_workers() -> list[threading.Thread]:
+    """Workers still running inside a model call after their node was stopped. A process must not run its
+    interpreter shutdown under them (a C++ extension mid-call aborts it): `pdlm-ros node` ends with os._exit."""
+    return [t for t in _ABANDONED if t.is_alive()]
 
 
 @dataclass(frozen=True)
@@ -175,12 +198,17 @@ class NodeCore:
         self._cond = threading.Condition()
         self._slot: tuple[Pair[Any, Any], float] | None = None  # the newest pair and when it became complete
         self._busy = False
-        self._stop = threading.Event()
+        self._busy_since: float | None = None  # when the worker took the frame it is on
+        self._stop = threading.Event()  # one per activation: a worker left behind by a timed-out stop stays stopped
         self._worker: threading.Thread | None = None
+        self._reporter: threading.Thread | None = None
+        self._warned_large_best_effort = False
         self._last_image_at: float | None = None
         self._image_period: float | None = None  # the last normal interval between images
         self._diag_prev_matched = 0
         self._diag_prev_inputs = (0, 0)
+        self._diag_prev_expired_regions = 0
+        self._diag_prev_pending_regions = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def _require(self, *states: str) -> None:
@@ -192,6 +220,7 @@ class NodeCore:
         self.class_names = read_class_names(self.params.regions_class_names)  # before the (slow) model load
         log.info("[%s] configuring: loading the model", self.name)
         self.captioner = self._loader(self.params)
+        self._tune_captioner()
         log.info("[%s] model %s loaded", self.name, getattr(self.captioner, "name", "?"))
         self.state = "inactive"
         self.publish_model_info()
@@ -200,13 +229,26 @@ class NodeCore:
         self._require("inactive")
         if self.captioner is None:
             self.captioner = self._loader(self.params)
+            self._tune_captioner()
             self.publish_model_info()
-        self._stop.clear()
+        self._stop = stop = threading.Event()
         self._last_image_at = self._image_period = None  # time spent inactive is not a gap in the camera stream
-        self._worker = threading.Thread(target=self._run, name=f"{self.name}-worker", daemon=True)
+        self._worker = threading.Thread(target=self._run, args=(stop,), name=f"{self.name}-worker", daemon=True)
+        self._reporter = threading.Thread(target=self._report, args=(stop,), name=f"{self.name}-diagnostics",
+                                          daemon=True)
         self.state = "active"
         self._worker.start()
+        self._reporter.start()
+        if self.params.input_qos == "sensor_data":
+            log.info("[%s] inputs are best effort (input.qos: sensor_data): a frame too large to arrive whole (over "
+                     "about %.0f MB over loopback) is lost without any trace; set input.qos: reliable for large "
+                     "images", self.name, BEST_EFFORT_LARGE_BYTES / 1e6)
         log.info("[%s] active", self.name)
+
+    def _tune_captioner(self) -> None:
+        """The captioner's own refused-regions warning follows log.throttle (a captioner without it is left as is)."""
+        if hasattr(self.captioner, "log_throttle"):
+            self.captioner.log_throttle = self.params.log_throttle
 
     def deactivate(self) -> None:
         self._require("active")
@@ -215,10 +257,20 @@ class NodeCore:
         with self._cond:
             self._cond.notify_all()
         if self._worker is not None:
-            self._worker.join()
+            self._worker.join(timeout=SHUTDOWN_WAIT_S)
+            if self._worker.is_alive():
+                _ABANDONED.append(self._worker)
+                log.warning("[%s] the worker is still inside one model call %.0f s after the stop; not waiting for "
+                            "it (its frame is abandoned)", self.name, SHUTDOWN_WAIT_S)
             self._worker = None
+        if self._reporter is not None:
+            self._reporter.join(timeout=SHUTDOWN_WAIT_S)
+            self._reporter = None
         with self._cond:
             self._slot = None
+            self._busy = False
+            self._busy_since = None
+            self._cond.notify_all()
         self.captioner = None
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
@@ -261,6 +313,7 @@ class NodeCore:
         self.health.count(key)
         if is_image:
             self.latest_image = msg
+            self._check_best_effort_size(msg)
         try:
             stamp = stamp_ns(msg.header)
         except (AttributeError, TypeError, ValueError) as err:
@@ -299,6 +352,20 @@ class NodeCore:
         else:  # the gap itself is not the stream's period
             self._image_period = gap
 
+    def _check_best_effort_size(self, msg: Any) -> None:
+        """Once: large frames over best-effort input, where a frame that loses one DDS fragment never arrives."""
+        if self._warned_large_best_effort or self.params.input_qos != "sensor_data":
+            return
+        try:
+            size = len(msg.data)
+        except TypeError:
+            return
+        if size > BEST_EFFORT_LARGE_BYTES:
+            self._warned_large_best_effort = True
+            log.warning("[%s] images of %.1f MB arrive over best-effort input QoS: the middleware drops a large frame "
+                        "that loses one fragment, and nothing counts it (images_in lags regions_in, "
+                        "errors.images_missing grows); set input.qos: reliable", self.name, size / 1e6)
+
     def on_image(self, msg: Any) -> None:
         self._input("images_in", msg, True)
 
@@ -312,27 +379,36 @@ class NodeCore:
         self._input("regions_in", msg, False)
 
     # -- worker ---------------------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        next_diag = self._clock() + self.params.diagnostics_period
-        while not self._stop.is_set():
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             with self._cond:
                 if self._slot is None:
-                    self._cond.wait(timeout=max(next_diag - self._clock(), 0.0))
+                    self._cond.wait(timeout=1.0)
+                if stop.is_set():
+                    return
                 item, self._slot = self._slot, None
                 self._busy = item is not None
+                self._busy_since = self._clock() if item is not None else None
             try:
                 if item is not None:
-                    self.process(*item)
-                if self._clock() >= next_diag:
-                    next_diag = self._clock() + self.params.diagnostics_period
-                    self.publish_diagnostics()
+                    self.process(*item, stop=stop)
             except Exception:  # noqa: BLE001 - the worker must outlive any single frame's failure
                 self.health.error("internal")
                 self.throttle.warning("internal", "[%s] unexpected error in the worker", self.name, exc_info=True)
             finally:
                 with self._cond:
-                    self._busy = False
+                    if self._stop is stop:  # a worker left behind by an earlier stop must not touch a new one's state
+                        self._busy = False
+                        self._busy_since = None
                     self._cond.notify_all()
+
+    def _report(self, stop: threading.Event) -> None:
+        """/diagnostics every diagnostics.period while active, whatever the worker is doing."""
+        while not stop.wait(self.params.diagnostics_period):
+            try:
+                self.publish_diagnostics()
+            except Exception:  # noqa: BLE001 - a failed report must not end the reports
+                self.throttle.warning("diagnostics", "[%s] publishing diagnostics failed", self.name, exc_info=True)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until the slot is empty and no frame is being processed (tests, bag replay)."""
@@ -346,48 +422,61 @@ class NodeCore:
         self.throttle.warning(kind, "[%s] %s of frame %d rejected: %s", self.name, what, stamp, err)
 
     def _regions(self, msg: Any, width: int, height: int) -> list[RegionInput]:
+        p = self.params
         if msg.__msgtype__ == M.DETECTION_ARRAY:
             regions = regions_from_detections(msg, width, height)
-            p = self.params
             if p.regions_box_width:  # boxes of a detector that saw a resized copy of the image
                 regions = scale_regions(regions, width / p.regions_box_width, height / p.regions_box_height)
             if self.class_names:
                 regions = name_classes(regions, self.class_names)
             return regions
-        regions = regions_from_instance_mask(msg)
-        if regions and regions[0].mask is not None and regions[0].mask.shape != (height, width):
-            raise ImageInputError(f"instance mask is {regions[0].mask.shape[1]}x{regions[0].mask.shape[0]} px but "
-                                  f"the image is {width}x{height} px")
-        return regions
+        mw, mh = int(msg.width), int(msg.height)
+        if (mh, mw) != (height, width):  # before any mask is made
+            raise ImageInputError(f"instance mask is {mw}x{mh} px but the image is {width}x{height} px")
+        return regions_from_instance_mask(msg, max_regions=p.regions_max_per_frame, max_pixels=p.input_max_pixels)
 
-    def process(self, pair: Pair[Any, Any], arrived: float | None = None) -> Any | None:
+    def _decode_image(self, msg: Any) -> Any:
+        limit = self.params.input_max_pixels
+        return (image_from_compressed(msg, limit) if msg.__msgtype__ == M.COMPRESSED_IMAGE
+                else image_from_msg(msg, limit))
+
+    def process(self, pair: Pair[Any, Any], arrived: float | None = None,
+                stop: threading.Event | None = None) -> Any | None:
         """Caption one synced pair and publish it; returns the RegionCaptionArray, or None if the frame was
-        rejected (the reason is logged and counted). The latency in diagnostics runs from `arrived` (when the pair
-        was complete, so time spent waiting for the worker counts) to the publish."""
+        rejected (the reason is logged and counted) or abandoned because `stop` was set. The latency in diagnostics
+        runs from `arrived` (when the pair was complete, so time spent waiting for the worker counts) to the
+        publish."""
         t0 = self._clock() if arrived is None else arrived
         image_msg = pair.image
         try:
-            rgb = (image_from_compressed(image_msg) if image_msg.__msgtype__ == M.COMPRESSED_IMAGE
-                   else image_from_msg(image_msg))
+            rgb = self._decode_image(image_msg)
         except ImageInputError as err:
             self._reject("image", pair.stamp, err)
             return None
         h, w = rgb.shape[:2]
         try:
             regions = self._regions(pair.regions, w, h)
-        except ImageInputError as err:
+        except (ImageInputError, RegionInputError) as err:
             self._reject("region source", pair.stamp, err, kind="region_source")
             return None
         if not regions:
             self.health.count("frames_without_regions")
             self.throttle.info("no_regions", "[%s] frame %d has no regions (empty detection array or mask): an "
                                "empty caption array is published", self.name, pair.stamp)
+        budget = self.params.regions_max_per_frame
+        regions, over_budget, usable = apply_region_budget(regions, w, h, budget)
+        if over_budget:
+            self.health.count("frames_over_budget")
+            self.health.count("regions_over_budget", over_budget)
+            self.throttle.warning("over_budget", "[%s] frame %d has more usable regions than regions.max_per_frame "
+                                  "%d: the best %d are captioned, %d refused with the reason", self.name, pair.stamp,
+                                  budget, budget, over_budget)
         max_regions = self._max_regions()
-        if max_regions and len(regions) > max_regions:
+        if max_regions and usable > max_regions:
             self.health.count("frames_over_max_regions")
             self.throttle.warning("over_max_regions", "[%s] %d regions in frame %d exceed max_regions %d: "
-                                  "captioned in %d passes (slower, nothing dropped)", self.name, len(regions),
-                                  pair.stamp, max_regions, -(-len(regions) // max_regions))
+                                  "captioned in up to %d passes (slower, nothing dropped)", self.name, usable,
+                                  pair.stamp, max_regions, -(-usable // max_regions))
 
         use_cache = self.params.cache_enabled
         if use_cache:
@@ -399,7 +488,11 @@ class NodeCore:
         if todo:
             p = self.params
             try:
-                result = self._caption(rgb, [regions[i] for i in todo])
+                result = self._caption(rgb, [regions[i] for i in todo], cancel=stop)
+            except Cancelled:
+                self.health.count("frames_abandoned")
+                log.info("[%s] frame %d abandoned: the node is stopping", self.name, pair.stamp)
+                return None
             except PDLMError as err:
                 self._reject("regions", pair.stamp, err, kind="inference_input")
                 return None
@@ -418,6 +511,8 @@ class NodeCore:
             if use_cache:
                 remember(self.cache, regions, boxes, fresh, pair.stamp)
 
+        if stop is not None and stop.is_set():  # stopped meanwhile: the transport may be taking its publishers down
+            return None
         merged = [fresh[i] if i in fresh else cached[i][0] for i in range(len(regions))]
         ages = [cached[i][1] if i in cached else 0.0 for i in range(len(regions))]
         self.health.count("regions_cached", len(cached))
@@ -435,12 +530,13 @@ class NodeCore:
         self.health.frame((self._clock() - t0) * 1000.0, len(regions))
         return out
 
-    def _caption(self, rgb: Any, regions: list[RegionInput], prompt: str | None = None) -> FrameResult:
+    def _caption(self, rgb: Any, regions: list[RegionInput], prompt: str | None = None,
+                 cancel: threading.Event | None = None) -> FrameResult:
         p = self.params
         with self._model_lock:
             if self.captioner is None:
                 raise ConfigError("the model is not loaded (node deactivated)")
-            extra: dict[str, Any] = {}
+            extra: dict[str, Any] = {"budget": p.regions_max_per_frame, "cancel": cancel or self._stop}
             if p.decoding_sampler:  # official checkpoints only; a native captioner refuses them by name
                 extra["sampler"] = p.decoding_sampler
             if p.decoding_refresh:
@@ -462,7 +558,7 @@ class NodeCore:
         msg = image_msg if image_msg is not None else self.latest_image
         if msg is None:
             raise ImageInputError("no image in the request and none received yet on the image topic")
-        rgb = image_from_compressed(msg) if msg.__msgtype__ == M.COMPRESSED_IMAGE else image_from_msg(msg)
+        rgb = self._decode_image(msg)
         result = self._caption(rgb, regions, prompt or None)
         self.health.count("describe_requests")
         return caption_array_msg(result, msg.header)
@@ -474,6 +570,24 @@ class NodeCore:
             return 0
 
     # -- diagnostics ----------------------------------------------------------------------------------------------
+    def _check_images_missing(self, inputs: tuple[int, int], expired_regions: int) -> None:
+        """Region messages that arrive while their images do not: a stopped camera, or (best-effort input) frames
+        too large to survive DDS fragmentation, which the middleware drops without a count."""
+        pending = self.sync.pending()[1]
+        waited = min(pending, self._diag_prev_pending_regions)  # waiting since the last report at least
+        self._diag_prev_pending_regions = pending
+        no_images = inputs[0] == self._diag_prev_inputs[0] and waited > 0
+        orphans = expired_regions - self._diag_prev_expired_regions
+        if not (no_images or orphans > 0):
+            return
+        self.health.error("images_missing", max(orphans, 1))
+        hint = ("; with best-effort input (input.qos: sensor_data) large frames are lost in transit without a trace: "
+                "set input.qos: reliable") if self.params.input_qos == "sensor_data" else ""
+        what = (f"{pending} region messages wait for their images, and no image arrived" if no_images else
+                f"{orphans} region messages left the sync without their image")
+        self.throttle.warning("images_missing", "[%s] %s since the last report (images_in %d, regions_in %d)%s",
+                              self.name, what, inputs[0], inputs[1], hint)
+
     def publish_diagnostics(self) -> Any:
         sync = self.sync.counters()
         counts, _ = self.health.snapshot()
@@ -487,12 +601,18 @@ class NodeCore:
                 "latest regions stamp %s (image - regions = %s s); make the detector copy the image header or raise "
                 "sync.slop", self.name, sync.last_image_stamp, sync.last_regions_stamp,
                 f"{delta / 1e9:.3f}" if delta is not None else "?")
+        self._check_images_missing(inputs, sync.expired_regions)
         self._diag_prev_matched, self._diag_prev_inputs = sync.matched, inputs
-        since = self._clock() - self._last_image_at if self._last_image_at is not None else float("nan")
+        self._diag_prev_expired_regions = sync.expired_regions
+        now = self._clock()
+        since = now - self._last_image_at if self._last_image_at is not None else float("nan")
+        busy_since = self._busy_since
         extra = {"state": self.state, "enabled": str(self.enabled).lower(), "model": getattr(self.captioner, "name", ""), "max_regions": self._max_regions(),
                  "sync.matched": sync.matched, "sync.expired_images": sync.expired_images,
                  "sync.expired_regions": sync.expired_regions, "sync.resets": sync.resets,
-                 "cache.tracks": len(self.cache), "seconds_since_last_image": f"{since:.2f}"}
+                 "cache.tracks": len(self.cache), "seconds_since_last_image": f"{since:.2f}",
+                 "busy_s": f"{now - busy_since:.2f}" if busy_since is not None else "0.00",
+                 "input_qos": self.params.input_qos}
         report = self.health.report(extra)
         msg = diagnostic_array_msg(report, header_msg(self._stamp_clock()), f"{self.name}: region captioning",
                                    hardware_id=str(getattr(self.captioner, "device", "")))

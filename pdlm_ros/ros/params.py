@@ -73,11 +73,15 @@ PARAMS: tuple[ParamSpec, ...] = (
               "camera image itself", (0, 100000)),
     ParamSpec("regions.class_names", "", str, "labels file naming numeric class ids, one name per line (line 0 = "
               "class 0); empty: class ids as the detector publishes them"),
+    ParamSpec("regions.max_per_frame", 64, int, "regions captioned per frame, the best by detector score, then by "
+              "area; the others are refused with the reason (bounds the work of one message)", (1, 4096)),
     ParamSpec("input.compressed", False, bool, "subscribe to image/compressed (sensor_msgs/CompressedImage) "
               "instead of image"),
     ParamSpec("input.qos", "sensor_data", str, "input QoS: sensor_data (best effort, matches every publisher) or "
               "reliable", choices=("sensor_data", "reliable")),
     ParamSpec("input.depth", 5, int, "input history depth (messages kept per topic by the middleware)", (1, 1000)),
+    ParamSpec("input.max_pixels", 50_000_000, int, "largest input image in pixels; a larger one is refused (a "
+              "compressed one before it is decoded)", (1, 400_000_000)),
     ParamSpec("output.depth", 10, int, "output history depth (reliable, volatile)", (1, 1000)),
     ParamSpec("sync.slop", 0.0, float, "image/region stamp tolerance in seconds; 0: exact time (the detector "
               "copies the image header)", (0.0, 10.0)),
@@ -160,9 +164,11 @@ class NodeParams:
     regions_box_width: int = 0
     regions_box_height: int = 0
     regions_class_names: str = ""
+    regions_max_per_frame: int = 64
     input_compressed: bool = False
     input_qos: str = "sensor_data"
     input_depth: int = 5
+    input_max_pixels: int = 50_000_000
     output_depth: int = 10
     sync_slop: float = 0.0
     sync_queue_size: int = 10

@@ -126,8 +126,14 @@ class DdsEndpoints:
                         if on_error:
                             on_error("callback", err)
 
+        def on_sample_lost(reader: DataReader, status: Any) -> None:  # what the middleware admits to losing
+            self.throttle.warning(f"lost:{name}", "DDS reports samples lost on %s (%d in all)", name,
+                                  status.total_count)
+            if on_error:
+                on_error("input_lost", RuntimeError(f"{status.total_count_change} samples lost on {name}"))
+
         reader = DataReader(self.participant, self._topic(name, msgtype), dds_qos(reliable, depth),
-                            listener=Listener(on_data_available=on_data_available))
+                            listener=Listener(on_data_available=on_data_available, on_sample_lost=on_sample_lost))
         self._readers.append(reader)
         return reader
 
@@ -176,6 +182,8 @@ class DdsTransport(Transport):
         core = NodeCore(params, _Outputs(endpoints), name=args.node_name)
         try:
             core.configure()
+            if stop.is_set():  # asked to stop while the model loaded
+                return 0
             core.activate()
             for spec in input_topics(params):
                 endpoints.subscribe(spec.name, spec.msgtype, getattr(core, spec.handler),

@@ -345,7 +345,7 @@ class PdlmLifecycleNode(LifecycleNode):
     def _idle_diagnostics(self) -> None:
         core = self.core
         if core is not None and core.state == "active":
-            return  # the worker reports while active
+            return  # the core's reporter thread publishes while active
         if core is not None:
             core.publish_diagnostics()
             return

@@ -42,3 +42,56 @@ def test_structured_mask_is_what_keeps_regions_apart(default_captioner):
     on = evaluate(default_captioner, crowded, RuleJudge(), mode="parallel", progress=False).scores
     off = evaluate(default_captioner, crowded, RuleJudge(), mode="nomask", progress=False).scores
     assert off.avg < on.avg - 5.0, f"mask on {on.avg:.1f} vs off {off.avg:.1f}"
+
+
+def _hand_drawn() -> tuple:
+    """A red circle, a green triangle and a blue square, large and solid, drawn with plain PIL calls on a light
+    background: nothing of the scene renderer (no anti-aliasing, no texture, no colour jitter)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (200, 120), (245, 245, 240))
+    draw = ImageDraw.Draw(img)
+    shapes = []
+    for kind, colour, bbox in (("circle", (220, 30, 30), (12, 40, 48, 76)), ("triangle", (30, 160, 50), None),
+                               ("square", (40, 70, 225), (140, 42, 172, 74))):
+        layer = Image.new("L", img.size, 0)
+        ld = ImageDraw.Draw(layer)
+        if kind == "circle":
+            ld.ellipse(bbox, fill=255)
+        elif kind == "triangle":
+            ld.polygon([(100, 38), (80, 76), (120, 76)], fill=255)
+        else:
+            ld.rectangle(bbox, fill=255)
+        draw.bitmap((0, 0), layer, fill=colour)
+        shapes.append((kind, np.asarray(layer) > 0))
+    return np.asarray(img), shapes
+
+
+def test_bundled_model_names_plain_hand_drawn_shapes(default_captioner):
+    from pdlm_ros.types import RegionInput
+
+    image, shapes = _hand_drawn()
+    res = default_captioner.caption(image, [RegionInput(mask=m) for _, m in shapes])
+    captions = [r.caption for r in res.regions]
+    for (kind, _), caption, colour in zip(shapes, captions, ("red", "green", "blue")):
+        words = caption.split()
+        assert kind in words and colour in words, captions
+
+
+SHAPE_SAMPLE = [generate_scene(s) for s in scene_seeds("heldout", 40, offset=777_000_000)]  # 169 regions
+
+
+def test_bundled_model_shape_accuracy_per_shape(default_captioner):
+    """Shape, the attribute that used to fail (57 %), on a fixed sample of 169 held-out regions with masks.
+
+    The bar is the level this model reaches (89 % overall on this sample, 90.3 % on the README's 300 regions; every
+    shape >= 78 % here), a few points under, so a regression fails. It is below the 95 % target: circles and
+    hexagons are still confused (the README's confusion matrix).
+    """
+    report = evaluate(default_captioner, SHAPE_SAMPLE, RuleJudge(), mode="parallel", region_kind="mask",
+                      progress=False)
+    assert report.scores.per_attribute["shape"] >= 85.0, report.confusion["shape"]
+    for shape, row in report.confusion["shape"].items():
+        total = sum(row.values())
+        assert total >= 10 and row.get(shape, 0) / total >= 0.7, (shape, row)

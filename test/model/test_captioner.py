@@ -1,6 +1,7 @@
 """Bad input is handled as documented or refused with an error that names the problem; nothing is dropped."""
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdlm_ros.errors import ConfigError, ImageInputError
+from pdlm_ros.errors import ConfigError, ImageInputError, RegionInputError
 from pdlm_ros.types import RegionInput
 
 BOX = RegionInput(box=(2, 2, 30, 30))
@@ -125,8 +126,9 @@ def test_more_regions_than_max_are_chunked_with_identical_captions(tiny_captione
 def test_bad_decoding_arguments_are_named(tiny_captioner):
     with pytest.raises(ConfigError, match="unknown decoding mode 'fast'"):
         tiny_captioner.caption(rng_image(8, 8), [BOX], mode="fast")
-    with pytest.raises(ConfigError, match="steps must be in 1..32"):
-        tiny_captioner.caption(rng_image(8, 8), [BOX], steps=33)
+    length = tiny_captioner.config.decoding.caption_len
+    with pytest.raises(ConfigError, match=f"steps must be in 1..{length} "):
+        tiny_captioner.caption(rng_image(8, 8), [BOX], steps=length + 1)
     with pytest.raises(ConfigError, match="temperature must be a finite number >= 0"):
         tiny_captioner.caption(rng_image(8, 8), [BOX], temperature=-1.0)
     with pytest.raises(ConfigError, match=r"threshold must be in \(0, 1\]"):
@@ -148,7 +150,9 @@ def test_caption_cli_json(tmp_path):
     assert [r["index"] for r in doc["regions"]] == [0, 1]
     assert doc["regions"][0]["box"] == [1.0, 2.0, 30.0, 40.0]
     assert doc["regions"][1]["box"] == [20.0, 10.0, 40.0, 30.0]
-    assert doc["stats"]["nfe"] == 4 and doc["stats"]["tpf"] == 2 * 32 / 4
+    from pdlm_ros.model.config import preset
+
+    assert doc["stats"]["nfe"] == 4 and doc["stats"]["tpf"] == 2 * preset("tiny").decoding.caption_len / 4
 
 
 def test_caption_cli_errors_are_one_line(tmp_path):
@@ -195,3 +199,100 @@ def test_per_request_prompt_changes_the_prefix_and_is_checked():
     p1 = prepare_pass(model.official_runner(), model.cfg, tok, model.special_tokens, rgb, masks, 4)
     p2 = prepare_pass(model.official_runner(), model.cfg, tok, model.special_tokens, rgb, masks, 4, "What colour?")
     assert not torch.equal(p1.seq.ids, p2.seq.ids)
+
+
+def test_caption_cli_takes_a_box_with_negative_coordinates(tmp_path, capsys):
+    """`--box -50,-50,30,30` failed in the argument parser: a value starting with "-" looked like an option."""
+    from pdlm_ros.cli import main
+
+    path = tmp_path / "img.png"
+    Image.fromarray(rng_image(48, 64)).save(path)
+    assert main(["caption", str(path), "--box", "-50,-50,30,30", "--box", "-1.5,2,20,-3", "--preset", "tiny",
+                 "--steps", "2", "--json"]) == 0
+    first, second = json.loads(capsys.readouterr().out)["regions"]
+    assert first["box"] == [0.0, 0.0, 30.0, 30.0] and "error" not in first  # clipped to the image
+    assert "zero or negative area" in second["error"]
+    from pdlm_ros.cli.caption import normalize_argv
+
+    assert normalize_argv(["x.png", "--box", "-5,1,2,3", "--box", "1,2,3,4", "--", "--box", "-1"]) == \
+        ["x.png", "--box=-5,1,2,3", "--box", "1,2,3,4", "--", "--box", "-1"]
+    assert normalize_argv(["--box", "--json"]) == ["--box", "--json"]  # a real option stays one
+
+
+def test_region_budget_keeps_the_best_and_refuses_the_rest_with_the_reason(tiny_captioner):
+    img = rng_image(40, 60)
+    regions = [RegionInput(box=(i, i, i + 10 + i, i + 10), score=s, region_id=str(i))
+               for i, s in enumerate([0.2, math.nan, 0.9, 0.5, math.nan, 0.1])]
+    regions.append(RegionInput(box=(math.nan, 0, 1, 1), region_id="bad", score=1.0))  # unusable: never counted
+    res = tiny_captioner.caption(img, regions, steps=2, budget=5)
+    kept = [r.region_id for r in res.regions if r.ok]
+    assert kept == ["0", "2", "3", "4", "5"]  # every scored one, then the larger unscored box; request order
+    errors = {r.region_id: r.error for r in res.regions}
+    assert errors["1"] == ("over the per-frame region budget: the 5 best of the frame's 6 usable regions are "
+                           "captioned (highest detector score first, then largest area); this one ranked 6")
+    assert "non-finite" in errors["bad"]
+    two = tiny_captioner.caption(img, regions, steps=2, budget=2)
+    assert [r.region_id for r in two.regions if r.ok] == ["2", "3"]  # scores 0.9 and 0.5
+    alone = tiny_captioner.caption(img, [regions[k] for k in (0, 2, 3, 4, 5)], steps=2)
+    assert [r.caption for r in res.regions if r.ok] == [r.caption for r in alone.regions]
+    with pytest.raises(RegionInputError, match="at least 1 region"):
+        tiny_captioner.caption(img, regions, budget=0)
+
+
+def test_default_budget_bounds_one_call(tiny_captioner):
+    from pdlm_ros.region_rules import DEFAULT_REGION_BUDGET
+
+    n = DEFAULT_REGION_BUDGET + 30
+    regions = [RegionInput(box=(k % 50, k % 30, k % 50 + 8, k % 30 + 8)) for k in range(n)]
+    res = tiny_captioner.caption(rng_image(40, 60), regions, steps=1)
+    assert len(res.regions) == n and sum(r.ok for r in res.regions) == DEFAULT_REGION_BUDGET
+    assert res.stats.nfe == -(-DEFAULT_REGION_BUDGET // tiny_captioner.config.region.max_regions)
+
+
+def test_boxes_under_one_pixel_are_refused(tiny_captioner):
+    regions = [RegionInput(box=(5, 5, 5.01, 5.01)), RegionInput(box=(5, 5, 30, 5.5)),
+               RegionInput(box=(59.5, 5, 80, 20)), RegionInput(box=(5, 5, 6, 6))]
+    res = tiny_captioner.caption(rng_image(40, 60), regions, steps=2)
+    assert [bool(r.error) for r in res.regions] == [True, True, True, False]
+    assert "0.01 x 0.01 px inside the image, under the minimum region size of 1 px per side" in res.regions[0].error
+    assert "0.5 x 15 px inside the image" in res.regions[2].error  # clipped first, then measured
+
+
+def test_refused_regions_make_one_warning_line_per_period(tiny_captioner, caplog, monkeypatch):
+    """10,000 NaN boxes wrote 10,000 lines; now one line per call, and none within `log_throttle` of the last."""
+    monkeypatch.setattr(tiny_captioner, "log_throttle", 3600.0)
+    monkeypatch.setattr(tiny_captioner, "_refusal_log", type(tiny_captioner._refusal_log)())
+    nan = [RegionInput(box=(math.nan, 0, 5, 5))] * 10_000
+    with caplog.at_level(logging.WARNING, logger="pdlm_ros.captioner"):
+        for _ in range(3):
+            res = tiny_captioner.caption(rng_image(20, 20), nan + [BOX], steps=1)
+    assert sum(r.ok for r in res.regions) == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "pdlm_ros.captioner"]
+    assert len(lines) == 1 and lines[0].startswith("10000 of 10001 regions refused (region 0: box has non-finite")
+    monkeypatch.setattr(tiny_captioner, "log_throttle", 0.0)
+    with caplog.at_level(logging.WARNING, logger="pdlm_ros.captioner"):
+        tiny_captioner.caption(rng_image(20, 20), nan[:3], steps=1)
+    assert caplog.records[-1].getMessage().endswith("; 20000 more refused since the last such line")
+
+
+def test_a_set_cancel_event_stops_the_call_between_forwards(tiny_captioner, monkeypatch):
+    import threading
+
+    from pdlm_ros.errors import Cancelled
+
+    stop = threading.Event()
+    calls = []
+    original = tiny_captioner.model.region_logits
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            stop.set()  # asked to stop during the second forward
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_captioner.model, "region_logits", step)
+    regions = [RegionInput(box=(k, k, k + 10, k + 10)) for k in range(20)]
+    with pytest.raises(Cancelled, match="stopped on request"):
+        tiny_captioner.caption(rng_image(40, 60), regions, steps=4, cancel=stop)
+    assert len(calls) == 2  # the forward in progress finished; no further one began
+    assert tiny_captioner.caption(rng_image(40, 60), regions[:2], steps=2, cancel=threading.Event()).regions[0].ok

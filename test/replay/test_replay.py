@@ -120,7 +120,8 @@ def test_reports_json_html_plot_scores_and_stability(tmp_path, tiny_captioner):
     s = doc["summary"]
     assert s["frames"] == 3 and s["regions"] == 9 and s["refused_regions"] == 0
     assert 0 < s["latency_p50_ms"] <= s["latency_p95_ms"]
-    assert s["nfe_per_frame"] == 32 and s["tpf"] == pytest.approx(3.0)  # 3 spans of 32 tokens in 32 steps
+    L = tiny_captioner.config.decoding.caption_len
+    assert s["nfe_per_frame"] == L and s["tpf"] == pytest.approx(3.0)  # 3 spans of L tokens in L steps
     assert s["regions_per_s"] > 0
     assert doc["scores"]["regions_scored"] == 9 and doc["scores"]["judge"] == "rule"
     assert doc["scores"]["counts"]["positive"] == 9 * 4  # shape, color, pattern, size per region
@@ -200,8 +201,11 @@ def test_replay_reuses_captions_by_the_node_cache_rules(tmp_path, tiny_captioner
     assert sum(f.nfe for f in on.frames) < sum(f.nfe for f in off.frames)
     caps = read_bag(on.out_bag)["/pdlm/captions"]
     assert any(r.cached and r.age > 0 for _, m in caps for r in m.regions)  # written into the bag as the node does
-    # the same captions either way, cached or computed (temperature 0 and region isolation)
-    assert [[r.caption for r in f.regions] for f in on.frames] == [[r.caption for r in f.regions] for f in off.frames]
+    # a region computed in both runs gets the same caption (temperature 0, and region isolation: which other regions
+    # of the frame came from the cache does not matter)
+    fresh = [(a.caption, b.caption) for f_on, f_off in zip(on.frames, off.frames)
+             for a, b in zip(f_on.regions, f_off.regions) if not a.cached]
+    assert fresh and all(a == b for a, b in fresh)
 
 
 def test_replayed_bag_carries_foxglove_annotations(tmp_path, tiny_captioner):

@@ -116,3 +116,31 @@ def test_annotation_errors_name_the_problem(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(DatasetError, match="not in \"tracks\": 1"):
         load_annotations(path)
+
+
+@pytest.mark.parametrize("where", ["proc", "under_a_file", "full_disk"])
+def test_unwritable_output_is_one_line_and_leaves_nothing(tmp_path, capsys, where):
+    from pdlm_ros.cli import main
+
+    (tmp_path / "file").write_text("x")
+    if where == "full_disk":  # a real 200 kB tmpfs, where mounting is permitted
+        import subprocess
+
+        disk = tmp_path / "disk"
+        disk.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    out = {"proc": "/proc/pdlm-sample", "under_a_file": str(tmp_path / "file" / "s"),
+           "full_disk": str(tmp_path / "disk" / "s")}[where]
+    try:
+        assert main(["make-sample-bag", out, "--frames", "20"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: cannot write {out}")
+        assert {"proc": "No such file or directory", "under_a_file": f"{tmp_path / 'file'} is a file",
+                "full_disk": "No space left on device; nothing was left behind"}[where] in err
+        if where == "full_disk":
+            assert not any((tmp_path / "disk").iterdir())
+    finally:
+        if where == "full_disk":
+            subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)

@@ -43,10 +43,14 @@ def main() -> int:
     ap.add_argument("--start-ns", type=int, default=1_000_000_000_000)
     ap.add_argument("--bad-frame", type=int, default=-1)
     ap.add_argument("--wait-subscribers", type=float, default=20.0, help="seconds to wait for the node to match")
+    ap.add_argument("--extra-boxes", type=int, default=0, help="this many more small boxes in every detection array")
+    ap.add_argument("--reliable", action="store_true", help="reliable writers (large detection arrays)")
     a = ap.parse_args()
     ep = DdsEndpoints()
-    ep.writer("image", M.IMAGE, reliable=False, depth=5)
-    ep.writer("detections", M.DETECTION_ARRAY, reliable=False, depth=5)
+    ep.writer("image", M.IMAGE, reliable=a.reliable, depth=5)
+    ep.writer("detections", M.DETECTION_ARRAY, reliable=a.reliable, depth=5)
+    extra = [RegionInput(box=(x, y, x + 12.0, y + 12.0), region_id=f"x{k}") for k, (x, y) in
+             enumerate(np.random.default_rng(0).uniform(0, min(W, H) - 12, size=(a.extra_boxes, 2)))]
     deadline = time.monotonic() + a.wait_subscribers
     while min(ep.subscriber_count("image"), ep.subscriber_count("detections")) < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -61,7 +65,7 @@ def main() -> int:
         if k == a.bad_frame:
             image.encoding = "yuv422"
         dets = detection_array_msg(hdr, [RegionInput(box=o.box, region_id=o.track_id, class_id=o.shape, score=0.9)
-                                         for o in visible])
+                                         for o in visible] + extra)
         ep.publish("image", image)
         ep.publish("detections", dets)
         print(json.dumps({"stamp": stamp, "ids": [o.track_id for o in visible], "bad": k == a.bad_frame}), flush=True)

@@ -192,3 +192,91 @@ def test_yolo_detection_array_becomes_detection2darray():
     regions = regions_from_detections(out, 100, 100)
     assert [r.region_id for r in regions] == ["7", ""] and [r.class_id for r in regions] == ["car", "0"]
     assert regions[0].box == (20.0, 15.0, 40.0, 25.0) and regions[0].score == pytest.approx(0.8)
+
+
+def _png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height, all black, built row by row (small whatever its size)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _peak_rss_growth(fn) -> int:
+    """Bytes the process's peak RSS rose during fn() (C allocations too: PIL's decoder), Linux only."""
+    import re
+    from pathlib import Path
+
+    def kib(field: str) -> int:
+        return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the current RSS
+    except OSError:
+        pytest.skip("peak RSS cannot be reset here (needs Linux /proc/self/clear_refs)")
+    before = kib("VmRSS")
+    fn()
+    return (kib("VmHWM") - before) * 1024
+
+
+def test_compressed_size_is_checked_before_decoding(recwarn):
+    """A 12000x12000 PNG of a few KB decoded to 1.5 GB of RSS, and PIL's DecompressionBombWarning reached stderr."""
+    data = _png(12000, 12000)
+    assert len(data) < 200_000
+    msg = M.typestore().types[M.COMPRESSED_IMAGE](header=HDR, format="png", data=np.frombuffer(data, np.uint8))
+
+    def convert():
+        with pytest.raises(ImageInputError, match=r"12000x12000 px \(144000000 pixels\) exceeds the limit of "
+                                                  r"50000000 pixels \(parameter input.max_pixels\)"):
+            image_from_compressed(msg)
+
+    assert _peak_rss_growth(convert) < 32 * 2**20  # the header was read, not the 144 MP of pixels
+    assert [w for w in recwarn if issubclass(w.category, PILImage.DecompressionBombWarning)] == []
+    small = M.typestore().types[M.COMPRESSED_IMAGE](header=HDR, format="png",
+                                                    data=np.frombuffer(_png(64, 48), np.uint8))
+    assert image_from_compressed(small, max_pixels=64 * 48).shape == (48, 64, 3)
+    with pytest.raises(ImageInputError, match="64x48 px"):
+        image_from_compressed(small, max_pixels=64 * 48 - 1)
+
+
+def test_compressed_formats_other_than_jpeg_and_png_are_refused():
+    out = io.BytesIO()
+    PILImage.fromarray(RGB).save(out, format="BMP")
+    msg = M.typestore().types[M.COMPRESSED_IMAGE](header=HDR, format="bmp",
+                                                  data=np.frombuffer(out.getvalue(), np.uint8))
+    with pytest.raises(ImageInputError, match="JPEG or PNG expected"):
+        image_from_compressed(msg)
+
+
+def test_raw_image_over_max_pixels_is_refused_before_copying():
+    msg = raw_image(RGB, "rgb8")
+    with pytest.raises(ImageInputError, match=r"7x5 px \(35 pixels\) exceeds the limit of 34 pixels"):
+        image_from_msg(msg, max_pixels=34)
+    assert image_from_msg(msg, max_pixels=35).shape == (5, 7, 3)
+
+
+def test_non_finite_theta_is_a_refusal_and_too_many_detections_a_refused_message():
+    from pdlm_ros.errors import RegionInputError
+
+    msg = detection_array_msg(HDR, [RegionInput(box=(1, 1, 5, 5)), RegionInput(box=(1, 1, 5, 5))])
+    msg.detections[0].bbox.center.theta = math.nan
+    first, second = regions_from_detections(msg, 10, 10)
+    assert "theta is not finite (nan)" in first.refusal and second.refusal == ""
+    with pytest.raises(RegionInputError, match="holds 2 detections, over the limit of 1 per message"):
+        regions_from_detections(msg, 10, 10, max_detections=1)
+
+
+def test_instance_mask_over_the_budget_makes_masks_only_for_the_largest_labels():
+    labels = np.zeros((6, 8), np.uint8)
+    labels[0, :3], labels[1, :5], labels[2, :1], labels[3, :5] = 4, 9, 2, 3  # sizes 3, 5, 1, 5
+    regions = regions_from_instance_mask(raw_image(labels, "mono8"), max_regions=2)
+    assert [r.region_id for r in regions] == ["2", "3", "4", "9"]  # all labels, in order
+    assert [r.mask is not None for r in regions] == [False, True, False, True]  # the two largest (5 and 5)
+    assert regions[0].refusal.endswith("ranked 4") and regions[2].refusal.endswith("ranked 3")

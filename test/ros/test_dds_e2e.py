@@ -121,3 +121,38 @@ def test_camera_node_planner_over_dds(tmp_path):
     assert int(values["pairs"]) == total and int(values["frames_out"]) == len(captions)
     assert "unsupported image encoding 'yuv422'" in node_err.read_text()
     assert int(values["errors.publisher_restart"]) >= 1 and "starting a new timeline" in node_err.read_text()
+
+
+def test_sigterm_stops_the_node_in_the_middle_of_a_long_inference(tmp_path):
+    """One frame of 4,000 boxes, all let through (regions.max_per_frame 4096): minutes of inference. /diagnostics
+    keeps coming meanwhile, and SIGTERM ends the node within seconds (it used to need SIGKILL)."""
+    env = _env()
+    node_err = tmp_path / "node.err"
+    planner_out = tmp_path / "planner.jsonl"
+    node = subprocess.Popen([*NODE, "--transport", "dds", "--ros-args", "-p", "preset:=tiny", "-p",
+                             "decoding.steps:=8", "-p", "regions.max_per_frame:=4096", "-p", "cache.enabled:=false",
+                             "-p", "input.qos:=reliable", "-p", "diagnostics.period:=0.2"],
+                            stdout=subprocess.DEVNULL, stderr=open(node_err, "w"), env=env)
+    planner = subprocess.Popen([sys.executable, str(HERE / "dds_planner.py")], stdout=open(planner_out, "w"),
+                               stderr=open(tmp_path / "planner.err", "w"), env=env)
+    try:
+        _wait_for(lambda: "on DDS domain" in node_err.read_text(), 120, "the node to start", node, node_err)
+        _wait_for(lambda: planner_out.exists() and "ready" in planner_out.read_text(), 30, "the planner", planner)
+        _camera(["--frames", "1", "--extra-boxes", "4000", "--reliable"], env, tmp_path, "camera")
+
+        def busy_reports():
+            return [d for d in _lines(planner_out) if d["topic"] == "diagnostics" and
+                    float(d["values"].get("busy_s", 0)) > 0]
+
+        _wait_for(lambda: len(busy_reports()) >= 3, 60, "diagnostics while the frame is captioned", node, node_err)
+        assert not [d for d in _lines(planner_out) if d["topic"] == "captions"]  # still inside that one frame
+        node.send_signal(signal.SIGTERM)
+        code = node.wait(timeout=20)  # the defect: no exit at all until SIGKILL
+    finally:
+        for p in (node, planner):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    log = node_err.read_text()
+    assert code == 0, log[-3000:]
+    assert "abandoned: the node is stopping" in log and "still inside one model call" not in log
