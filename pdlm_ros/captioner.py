@@ -154,29 +154,13 @@ class Captioner:
         if refresh is not None and (mode != "cached" or refresh < 1):
             raise ConfigError(f"refresh (got {refresh}) is an integer >= 1 for mode cached only")
         dec = self.config.decoding
-        steps = dec.steps if steps is None else steps
-        max_steps = dec.caption_len * (self.config.official.prompt_numbers if self.config.official else 1)
-        if not 1 <= steps <= max_steps:
-            raise ConfigError(f"steps must be in 1..{max_steps} (got {steps})")
-        temperature = dec.temperature if temperature is None else temperature
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise ConfigError(f"temperature must be a finite number >= 0 (got {temperature})")
-        if mode == "threshold" or sampler == "threshold":
-            threshold = dec.threshold if threshold is None else threshold
-            if not (math.isfinite(threshold) and 0 < threshold <= 1):
-                raise ConfigError(f"threshold must be in (0, 1] (got {threshold})")
-        elif threshold is not None:
-            raise ConfigError(f"threshold is only used in threshold mode (mode is {mode!r})")
+        steps, threshold, temperature = self._decoding_options(mode, steps, threshold, temperature, sampler)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
         t_start = time.perf_counter()
         rgb = to_rgb_uint8(image)
         h, w = rgb.shape[:2]
-        prepared, errors = prepare_regions(regions, w, h)
-        prepared, over_budget = select_within_budget(prepared, regions,
-                                                     self.region_budget if budget is None else budget)
-        errors.update(over_budget)
-        self._refusal_log.log(errors, len(regions), self.log_throttle)
+        prepared, errors = self._usable_regions(regions, w, h, budget)
         check = _stop_check(cancel)
         check()
         timings: dict[str, float] = {}
@@ -199,11 +183,9 @@ class Captioner:
                     cache = self.model.prefix_cache(frame)
                     timings["prefix"], mark = self._lap(mark)
                 chunk = 1 if mode.startswith("sequential") else self.config.region.max_regions
-                starts = range(0, len(prepared), chunk)
                 if mode == "ar":  # the autoregressive twin decodes by its own loop, one region at a time
                     nfe, tokens = self._decode_ar(frame, roi, prepared, decoded)
-                    starts = range(0)
-                for start in starts:
+                for start in range(0, len(prepared) if mode != "ar" else 0, chunk):
                     part = prepared[start:start + chunk]
                     r = roi[start:start + chunk]
                     logits_fn = _Checked(self._logits_fn(mode, frame.prefix, r, cache), check)
@@ -263,9 +245,7 @@ class Captioner:
         ids, conf, nfe = decode_twin(self.model, frame, roi, self.config.decoding.caption_len,
                                      self.config.eos_token_id)
         for reg, body, c in zip(prepared, ids, conf):
-            text = self.tokenizer.decode(body, skip_special_tokens=True).strip() if self.tokenizer is not None \
-                else " ".join(str(i) for i in body)
-            decoded[reg.index] = (text, c)
+            decoded[reg.index] = (self._words(body), c)
         return nfe, nfe  # one token per forward, EOS included
 
     # -- several frames -------------------------------------------------------------------------------------------
@@ -291,44 +271,30 @@ class Captioner:
         An unusable image raises ImageInputError, as `caption` does, before any frame of the call is captioned.
         """
         mode = self.resolve_mode(mode)
-        dec = self.config.decoding
-        temp = dec.temperature if temperature is None else temperature
+        temp = self.config.decoding.temperature if temperature is None else temperature
         together = (isinstance(self.model, PerceptionDLM) and mode in ("parallel", "threshold") and not options
                     and not (seed is not None and temp > 0))
         if not together:
             return [self.caption(image, regions, mode=mode, steps=steps, threshold=threshold,  # type: ignore[arg-type]
                                  temperature=temperature, seed=seed, prompt=prompt, budget=budget, **options)
                     for image, regions in frames]
-        steps = dec.steps if steps is None else steps
-        if not 1 <= steps <= dec.caption_len:
-            raise ConfigError(f"steps must be in 1..{dec.caption_len} (got {steps})")
-        if not (math.isfinite(temp) and temp >= 0):
-            raise ConfigError(f"temperature must be a finite number >= 0 (got {temp})")
-        if mode == "threshold":
-            threshold = dec.threshold if threshold is None else threshold
-            if not (math.isfinite(threshold) and 0 < threshold <= 1):
-                raise ConfigError(f"threshold must be in (0, 1] (got {threshold})")
-        elif threshold is not None:
-            raise ConfigError(f"threshold is only used in threshold mode (mode is {mode!r})")
+        steps, threshold, temp = self._decoding_options(mode, steps, threshold, temperature)
         per_pass = self.config.region.max_regions if max_regions is None else max_regions
         if per_pass < 1:
             raise ConfigError(f"max_regions must be >= 1 (got {per_pass})")
         return self._caption_frames_together(frames, steps, threshold, temp, self._prompt_ids(prompt), per_pass,
-                                             self.region_budget if budget is None else budget)
+                                             budget)
 
     def _caption_frames_together(self, frames: Sequence[tuple[object, Sequence[RegionInput]]], steps: int,
                                  threshold: float | None, temperature: float, prompt_ids: torch.Tensor | None,
-                                 per_pass: int, budget: int) -> list[FrameResult]:
+                                 per_pass: int, budget: int | None) -> list[FrameResult]:
         t_start = time.perf_counter()
         model, dec = self.model, self.config.decoding
         count = len(frames)
         frame_regions = []  # per frame: (RGB image, regions to caption, refusals)
         for i, (image, regions) in enumerate(frames):
             rgb = to_rgb_uint8(image)
-            prepared, errors = prepare_regions(regions, rgb.shape[1], rgb.shape[0])
-            prepared, over_budget = select_within_budget(prepared, regions, budget)
-            errors.update(over_budget)
-            self._refusal_log.log(errors, len(regions), self.log_throttle)
+            prepared, errors = self._usable_regions(regions, rgb.shape[1], rgb.shape[0], budget)
             frame_regions.append((rgb, prepared, errors))
         timings: list[dict[str, float]] = [{} for _ in range(count)]
         encoded: dict[int, tuple[torch.Tensor, PrefixCache]] = {}  # frame -> RoI tokens (N, R, C), prefix cache
@@ -376,6 +342,36 @@ class Captioner:
         return out
 
     # -- helpers --------------------------------------------------------------------------------------------------
+    def _decoding_options(self, mode: str, steps: int | None, threshold: float | None, temperature: float | None,
+                          sampler: str = "global") -> tuple[int, float | None, float]:
+        """Steps, threshold and temperature of a call, defaults filled in from the config; ConfigError naming the
+        first one out of range."""
+        dec = self.config.decoding
+        steps = dec.steps if steps is None else steps
+        max_steps = dec.caption_len * (self.config.official.prompt_numbers if self.config.official else 1)
+        if not 1 <= steps <= max_steps:
+            raise ConfigError(f"steps must be in 1..{max_steps} (got {steps})")
+        temperature = dec.temperature if temperature is None else temperature
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ConfigError(f"temperature must be a finite number >= 0 (got {temperature})")
+        if mode == "threshold" or sampler == "threshold":
+            threshold = dec.threshold if threshold is None else threshold
+            if not (math.isfinite(threshold) and 0 < threshold <= 1):
+                raise ConfigError(f"threshold must be in (0, 1] (got {threshold})")
+        elif threshold is not None:
+            raise ConfigError(f"threshold is only used in threshold mode (mode is {mode!r})")
+        return steps, threshold, temperature
+
+    def _usable_regions(self, regions: Sequence[RegionInput], width: int, height: int,
+                        budget: int | None) -> tuple[list[PreparedRegion], dict[int, str]]:
+        """The region rules and the budget (default `region_budget`) applied to one frame: (regions to caption,
+        refusal reason by request index); refusals are logged under the throttle."""
+        prepared, errors = prepare_regions(regions, width, height)
+        prepared, over_budget = select_within_budget(prepared, regions, self.region_budget if budget is None else budget)
+        errors.update(over_budget)
+        self._refusal_log.log(errors, len(regions), self.log_throttle)
+        return prepared, errors
+
     def _roi_tokens(self, frame: Any, prepared: list[PreparedRegion], check: Callable[[], None]) -> torch.Tensor:
         """RoI tokens of every region, max_regions at a time (regions are independent), so a stop is seen
         between two groups and no tensor holds a whole large request's samples at once."""
@@ -420,10 +416,13 @@ class Captioner:
         ends = {self.config.eos_token_id, *stops}
         end = next((i for i, t in enumerate(ids_l) if t in ends), len(ids_l))
         confidence = float(conf[: min(end + 1, len(ids_l))].mean())
-        body = ids_l[:end]
+        return self._words(ids_l[:end]), confidence
+
+    def _words(self, body: Sequence[int]) -> str:
+        """Caption token ids (no end token) -> text; the ids themselves when the model has no tokenizer."""
         if self.tokenizer is None:
-            return " ".join(str(i) for i in body), confidence
-        return self.tokenizer.decode(body, skip_special_tokens=True).strip(), confidence
+            return " ".join(str(i) for i in body)
+        return self.tokenizer.decode(list(body), skip_special_tokens=True).strip()
 
     @staticmethod
     def _results(regions: Sequence[RegionInput], prepared: list[PreparedRegion], errors: dict[int, str],

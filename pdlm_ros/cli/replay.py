@@ -27,8 +27,9 @@ of work lost); `pdlm-ros replay ... --resume` with the same arguments continues 
 
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bag", metavar="BAG", help="input bag: rosbag2 directory (sqlite3 or MCAP) or ROS 1 .bag file")
+def add_replay_options(p: argparse.ArgumentParser) -> None:
+    """How pairs are formed and captioned: the options `replay` and `replay-many` share (`replay_options` reads
+    them back)."""
     p.add_argument("--image-topic", default="/camera/image_raw", metavar="T",
                    help="sensor_msgs/Image or CompressedImage topic (default /camera/image_raw)")
     p.add_argument("--detections-topic", metavar="T",
@@ -36,9 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "one copied along)")
     p.add_argument("--mask-topic", metavar="T",
                    help="instance-mask image topic; when given, regions come from it instead of the detections")
-    p.add_argument("--out", required=True, metavar="OUT", help="output directory")
-    p.add_argument("--annotations", metavar="FILE",
-                   help="ground truth (from make-sample-bag) to score captions ParaDLC-style")
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="decoding mode (default auto: parallel, or official for the released PerceptionDLM)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
@@ -51,6 +49,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true",
                    help="describe every region of every pair (default: reuse tracked regions' captions by the live "
                         "node's cache rules, cache.max_age 2 s and cache.iou_threshold 0.5)")
+
+
+def replay_options(args: argparse.Namespace):  # noqa: ANN201 (ReplayOptions; imported lazily)
+    """The ReplayOptions of `add_replay_options`'s flags."""
+    from pdlm_ros.eval.replay import ReplayOptions
+
+    detections = args.detections_topic or (None if args.mask_topic else "/detections")
+    return ReplayOptions(image_topic=args.image_topic, detections_topic=detections, mask_topic=args.mask_topic,
+                         mode=args.mode, steps=args.steps, annotated=args.annotated, slop_s=args.slop,
+                         cache=not args.no_cache, sampler=args.sampler, refresh=args.refresh)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bag", metavar="BAG", help="input bag: rosbag2 directory (sqlite3 or MCAP) or ROS 1 .bag file")
+    p.add_argument("--out", required=True, metavar="OUT", help="output directory")
+    p.add_argument("--annotations", metavar="FILE",
+                   help="ground truth (from make-sample-bag) to score captions ParaDLC-style")
+    add_replay_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace earlier replay output in OUT")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted replay in OUT (same bag, options and model); a new one if none")
@@ -93,7 +109,7 @@ def print_summary(rows: Sequence[tuple[str, str]], title: str = "replay summary"
 
 def run(args: argparse.Namespace) -> int:
     from pdlm_ros.data.bags import load_annotations
-    from pdlm_ros.eval.replay import CHECKPOINT_S, OUTPUT_BAG, ReplayOptions, check_request, replay, replay_state
+    from pdlm_ros.eval.replay import CHECKPOINT_S, OUTPUT_BAG, check_request, replay, replay_state
     from pdlm_ros.eval.report import build_report, summary_rows
 
     setup_logging(args.verbose)
@@ -103,10 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if not checkpoint_s >= 0:
         raise ConfigError(f"--checkpoint-every must be >= 0 seconds (got {checkpoint_s})")
     annotations = load_annotations(args.annotations) if args.annotations else None  # fail before the model loads
-    detections = args.detections_topic or (None if args.mask_topic else "/detections")
-    options = ReplayOptions(image_topic=args.image_topic, detections_topic=detections,
-                            mask_topic=args.mask_topic, mode=args.mode, steps=args.steps, annotated=args.annotated,
-                            slop_s=args.slop, cache=not args.no_cache, sampler=args.sampler, refresh=args.refresh)
+    options = replay_options(args)
     # the bag, its topics and OUT are checked before the model loads (minutes for a large one)
     check_request(args.bag, args.out, options, overwrite=args.overwrite, resume=args.resume)
     set_threads(args.threads)

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from pdlm_ros.cli._common import add_json_option, add_model_options, emit_json, setup_logging
-from pdlm_ros.types import MODES
+from pdlm_ros.cli.replay import add_replay_options, replay_options
 
 EXAMPLES = """examples:
   pdlm-ros replay-many bags/ --out many_out --workers 2                 # every bag in bags/, local Ray
@@ -35,21 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs Ray reserves per actor, also its torch threads (default 1)")
     p.add_argument("--batch-frames", type=int, default=4, metavar="N",
                    help="frames per actor call, captioned in shared denoising passes (default 4)")
-    p.add_argument("--image-topic", default="/camera/image_raw", metavar="T",
-                   help="sensor_msgs/Image or CompressedImage topic (default /camera/image_raw)")
-    p.add_argument("--detections-topic", metavar="T",
-                   help="vision_msgs/Detection2DArray topic (default /detections; with --mask-topic: none)")
-    p.add_argument("--mask-topic", metavar="T", help="instance-mask image topic; regions come from it when given")
-    p.add_argument("--mode", choices=MODES, default="auto", help="decoding mode (default auto)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--sampler", choices=["global", "span", "threshold"],
-                   help="official checkpoints: how tokens are committed")
-    p.add_argument("--refresh", type=int, help="official checkpoints, mode cached: refresh the cache every N steps")
-    p.add_argument("--slop", type=float, default=0.0, metavar="SECONDS",
-                   help="pair stamps that differ by at most this much (default 0: exact)")
-    p.add_argument("--annotated", action="store_true", help="also write annotated images to the output bags")
-    p.add_argument("--no-cache", action="store_true",
-                   help="describe every region of every pair (default: the live node's caption cache rules)")
+    add_replay_options(p)
     p.add_argument("--overwrite", action="store_true", help="redo bags that are already done")
     add_model_options(p)
     p.add_argument("--threads", type=int, metavar="N",
@@ -60,16 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pdlm_ros.errors import ConfigError
-    from pdlm_ros.eval.replay import ReplayOptions
     from pdlm_ros.eval.replay_many import ManyOptions, ModelSpec, replay_many
 
     setup_logging(args.verbose)
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1 (got {args.threads})")
-    detections = args.detections_topic or (None if args.mask_topic else "/detections")
-    options = ReplayOptions(image_topic=args.image_topic, detections_topic=detections, mask_topic=args.mask_topic,
-                            mode=args.mode, steps=args.steps, annotated=args.annotated, slop_s=args.slop,
-                            cache=not args.no_cache, sampler=args.sampler, refresh=args.refresh)
+    options = replay_options(args)
     model = ModelSpec(checkpoint=args.checkpoint, preset=args.preset, backend=args.backend,
                       engine_path=args.engine_path, device=args.device, dtype=args.dtype, threads=args.threads)
     many = ManyOptions(workers=args.workers, gpus_per_worker=args.gpus_per_worker,

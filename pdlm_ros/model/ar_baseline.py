@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pdlm_ros.errors import ConfigError
 from pdlm_ros.model.attention import segment_mask
 from pdlm_ros.model.decoder import LLaDADecoder
+from pdlm_ros.model.pdlm import pack_regions
 
 __all__ = ["KVCache", "ARDecodeResult", "ARRegionDecoder", "next_token_loss", "teacher_forced_logits", "decode_twin"]
 
@@ -145,17 +146,6 @@ class ARRegionDecoder:
 
 
 # -- the trained twin ------------------------------------------------------------------------------------------------
-def _slot_embeddings(model, tokens: torch.Tensor, roi: torch.Tensor, start: int = 0) -> torch.Tensor:  # noqa: ANN001
-    """Caption inputs (N, T) at slots start.. of regions with RoI tokens roi (N, R, C) -> (N, T, C): the diffusion
-    model's span embedding (token + slot embedding + region query), so both objectives train the same modules."""
-    x = model.decoder.wte(tokens)
-    if model.span_position is not None:
-        x = x + model.span_position[start:start + tokens.shape[1]]
-    if model.span_query is not None:
-        x = x + model.span_query(roi.mean(dim=1)).unsqueeze(1)
-    return x
-
-
 def next_token_loss(model, rgb, regions, targets: torch.Tensor, eos_id: int) -> torch.Tensor:  # noqa: ANN001
     """Teacher-forced CE of all regions of one frame in one packed causal forward. targets (N, L), EOS-padded;
     tokens after a caption's first EOS are not scored (decoding stops there)."""
@@ -170,15 +160,10 @@ def teacher_forced_logits(model, frame, roi: torch.Tensor, targets: torch.Tensor
     """roi (N, R, C), targets (N, L) -> (N, L, V): logits of token j given the prefix, the RoI tokens and tokens < j,
     every region in one packed forward (region k sees the prefix and its own block, causally)."""
     n, r = roi.shape[:2]
-    length = targets.shape[1]
-    blocks = torch.cat([roi, _slot_embeddings(model, targets[:, :-1], roi)], dim=1)  # (N, R+L-1, C)
-    p, b = frame.prefix.shape[0], r + length - 1
-    x = torch.cat([frame.prefix, blocks.flatten(0, 1)])
-    dev = roi.device
-    positions = torch.cat([torch.arange(p, device=dev), torch.arange(p, p + b, device=dev).repeat(n)])
-    segments = torch.cat([torch.zeros(p, dtype=torch.long, device=dev),
-                          torch.arange(1, n + 1, device=dev).repeat_interleave(b)])
-    causal = torch.ones(x.shape[0], x.shape[0], dtype=torch.bool, device=dev).tril()  # the prefix comes first
+    blocks = torch.cat([roi, model.span_embeddings(targets[:, :-1], roi)], dim=1)  # (N, R+L-1, C)
+    p, b = frame.prefix.shape[0], blocks.shape[1]
+    x, positions, segments = pack_regions(frame.prefix, blocks)
+    causal = torch.ones(x.shape[0], x.shape[0], dtype=torch.bool, device=x.device).tril()  # the prefix comes first
     h = model.decoder.forward_dense(x, positions, segment_mask(segments) & causal)
     return model.decoder.logits(h[p:].view(n, b, -1)[:, r - 1:])  # (N, L, V): last RoI token, then slots
 
@@ -205,8 +190,8 @@ def decode_twin(model, frame, roi: torch.Tensor, caption_len: int, eos_id: int  
                 break
             ids.append(tok)
             if slot + 1 < caption_len:
-                h = dec.forward(_slot_embeddings(model, torch.tensor([[tok]], device=roi.device), roi[k:k + 1],
-                                                 slot)[0], cache)
+                h = dec.forward(model.span_embeddings(torch.tensor([[tok]], device=roi.device), roi[k:k + 1],
+                                                      slot)[0], cache)
         ids_out.append(ids)
         conf_out.append(sum(probs) / len(probs))
     cache.length = p

@@ -28,7 +28,18 @@ from pdlm_ros.model.decoder import LLaDADecoder, PrefixCache
 from pdlm_ros.model.regions import PreparedRegion, RegionEncoder
 from pdlm_ros.model.vision import Connector, VisionTower, make_views, pixel_unshuffle, stitch_tiles
 
-__all__ = ["PerceptionDLM", "EncodedFrame"]
+__all__ = ["PerceptionDLM", "EncodedFrame", "pack_regions"]
+
+
+def pack_regions(prefix: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prefix (P, C), region blocks (N, B, C) -> one packed sequence (P + N*B, C), its positions (every block at
+    P..P+B-1) and segment ids (0 = prefix, k = region k), for `segment_mask`."""
+    p, (n, b) = prefix.shape[0], blocks.shape[:2]
+    dev = prefix.device
+    positions = torch.cat([torch.arange(p, device=dev), torch.arange(p, p + b, device=dev).repeat(n)])
+    segments = torch.cat([torch.zeros(p, dtype=torch.long, device=dev),
+                          torch.arange(1, n + 1, device=dev).repeat_interleave(b)])
+    return torch.cat([prefix, blocks.flatten(0, 1)]), positions, segments
 
 
 @dataclass
@@ -108,11 +119,12 @@ class PerceptionDLM(nn.Module):
         """-> (N, R, C)."""
         return self.region(frame.feature_map, frame.image, regions)
 
-    def span_embeddings(self, tokens: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
-        """Caption tokens (N, L) of regions with RoI tokens roi (N, R, C) -> (N, L, C) decoder inputs."""
+    def span_embeddings(self, tokens: torch.Tensor, roi: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Caption tokens (N, T) at caption slots start..start+T-1 of regions with RoI tokens roi (N, R, C) ->
+        (N, T, C) decoder inputs."""
         x = self.decoder.wte(tokens)
         if self.span_position is not None:
-            x = x + self.span_position[: tokens.shape[1]]
+            x = x + self.span_position[start:start + tokens.shape[1]]
         if self.span_query is not None:
             x = x + self.span_query(roi.mean(dim=1)).unsqueeze(1)
         return x
@@ -134,11 +146,7 @@ class PerceptionDLM(nn.Module):
         n, r = roi.shape[:2]
         p, l_ = prefix.shape[0], tokens.shape[1]
         blocks = torch.cat([roi, self.span_embeddings(tokens, roi)], dim=1)  # (N, R+L, C)
-        x = torch.cat([prefix, blocks.flatten(0, 1)])  # (P + N(R+L), C)
-        dev = prefix.device
-        positions = torch.cat([torch.arange(p, device=dev), torch.arange(p, p + r + l_, device=dev).repeat(n)])
-        segments = torch.cat([torch.zeros(p, dtype=torch.long, device=dev),
-                              torch.arange(1, n + 1, device=dev).repeat_interleave(r + l_)])
+        x, positions, segments = pack_regions(prefix, blocks)
         h = self.decoder.forward_dense(x, positions, segment_mask(segments, structured))
         h = h[p:].view(n, r + l_, -1)[:, r:]
         return self.decoder.logits(h)
