@@ -18,7 +18,7 @@ from pdlm_ros.train import scene_regions
 
 
 def features(model, split: str, n: int):  # noqa: ANN001, ANN201
-    cv = model.region.vision_dim if hasattr(model.region, "vision_dim") else model.cfg.vision.hidden_size
+    cv = model.region.vision_dim  # the sample channels after the vision features: mask [, RGB]
     tokens, masks, labels = [], [], []
     with torch.no_grad():
         for seed in scene_seeds(split, n, offset=7_000_000):
