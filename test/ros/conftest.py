@@ -121,3 +121,26 @@ def ros2_env():
     rclpy.init(context=keep)
     yield dict(os.environ)
     rclpy.shutdown(context=keep)
+
+
+@pytest.fixture()
+def make_node(tiny_captioner):
+    """make(subscribers=None, **parameter values) -> (an active NodeCore on the tiny model, its RecordingOutputs);
+    every node made is shut down after the test."""
+    from pdlm_ros.ros.node_core import NodeCore
+    from pdlm_ros.ros.params import NodeParams
+
+    nodes = []
+
+    def make(subscribers=None, **values):
+        values = {"decoding.steps": 2, "log.throttle": 0.0, "diagnostics.period": 3600.0, **values}
+        outputs = RecordingOutputs(subscribers)
+        node = NodeCore(NodeParams.from_values(values), outputs, loader=lambda p: tiny_captioner)
+        node.configure()
+        node.activate()
+        nodes.append(node)
+        return node, outputs
+
+    yield make
+    for n in nodes:
+        n.shutdown()

@@ -20,24 +20,6 @@ MS = 1_000_000
 BOXES = [("car-1", (5.0, 5.0, 35.0, 30.0)), ("ped-2", (50.0, 20.0, 70.0, 60.0))]
 
 
-@pytest.fixture()
-def make_node(tiny_captioner):
-    nodes = []
-
-    def make(subscribers=None, **values):
-        values = {"decoding.steps": 2, "log.throttle": 0.0, "diagnostics.period": 3600.0, **values}
-        outputs = RecordingOutputs(subscribers)
-        node = NodeCore(NodeParams.from_values(values), outputs, loader=lambda p: tiny_captioner)
-        node.configure()
-        node.activate()
-        nodes.append(node)
-        return node, outputs
-
-    yield make
-    for n in nodes:
-        n.shutdown()
-
-
 def feed(node, image, dets, wait=True):
     node.on_image(image)
     node.on_detections(dets)

@@ -16,32 +16,12 @@ import pytest
 from pdlm_ros.region_rules import budget_refusal
 from pdlm_ros.ros import messages as M
 from pdlm_ros.ros.convert import detection_array_msg, header_msg, image_to_msg
-from pdlm_ros.ros.node_core import NodeCore
-from pdlm_ros.ros.params import NodeParams
 from pdlm_ros.types import RegionInput
 
 from .conftest import H, W, RecordingOutputs, frame
 
 MS = 1_000_000
 BOXES = [("car-1", (5.0, 5.0, 35.0, 30.0)), ("ped-2", (50.0, 20.0, 70.0, 60.0))]
-
-
-@pytest.fixture()
-def make_node(tiny_captioner):
-    nodes = []
-
-    def make(**values):
-        values = {"decoding.steps": 2, "log.throttle": 0.0, "diagnostics.period": 3600.0, **values}
-        outputs = RecordingOutputs()
-        node = NodeCore(NodeParams.from_values(values), outputs, loader=lambda p: tiny_captioner)
-        node.configure()
-        node.activate()
-        nodes.append(node)
-        return node, outputs
-
-    yield make
-    for n in nodes:
-        n.shutdown()
 
 
 @pytest.fixture()
