@@ -2,6 +2,7 @@
 
   ros2 launch pdlm_ros pdlm.launch.py image_topic:=/camera/color/image_raw detections_topic:=/detections
   ros2 launch pdlm_ros pdlm.launch.py use_compressed:=true region_source:=instance_mask namespace:=robot1
+  ros2 launch pdlm_ros pdlm.launch.py cameras:=front,rear   # topics front/image, front/detections, front/captions, ...
 
 The node uses relative topic names (image, image/compressed, detections, instance_mask, captions, annotated_image,
 annotations, model_info) under `namespace`; each launch argument below remaps one of them. Its services (describe,
@@ -37,8 +38,11 @@ OVERRIDES = (
     ("use_compressed", "input.compressed", "bool", "subscribe to image/compressed instead of image"),
     ("region_source", "regions.source", "str", "detections or instance_mask"),
     ("sync_slop", "sync.slop", "float", "image/detection stamp tolerance in seconds (0: exact)"),
+    ("cameras", "cameras", "tuple", "comma-separated camera names; each has NAME/image, NAME/detections, "
+     "NAME/captions, ... under the namespace (the remaps above apply to a node without cameras)"),
 )
-_CAST = {"str": str, "float": float, "bool": lambda v: v.strip().lower() in ("1", "true", "yes", "on")}
+_CAST = {"str": str, "float": float, "bool": lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
+         "tuple": lambda v: [name.strip() for name in v.split(",") if name.strip()]}
 
 
 def _node(context):

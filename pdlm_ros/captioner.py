@@ -252,7 +252,7 @@ class Captioner:
     def caption_frames(self, frames: Sequence[tuple[object, Sequence[RegionInput]]], *, mode: str = "auto",
                        steps: int | None = None, threshold: float | None = None, temperature: float | None = None,
                        seed: int | None = None, prompt: str | None = None, max_regions: int | None = None,
-                       budget: int | None = None, **options: object) -> list[FrameResult]:
+                       budget: int | None = None, cancel: Any = None, **options: object) -> list[FrameResult]:
         """Caption several frames (several cameras, or a queue of frames): one FrameResult per frame, in order.
 
         Native checkpoints in modes parallel and threshold decode the regions of several frames in shared denoising
@@ -269,6 +269,7 @@ class Captioner:
         sequence recomputed), graph backends (their step graph takes one prefix), seeded sampling at
         temperature > 0 (each frame keeps the draws of its own call), and options only `caption` takes.
         An unusable image raises ImageInputError, as `caption` does, before any frame of the call is captioned.
+        `cancel` stops the call between two model forwards with `Cancelled`, as in `caption`.
         """
         mode = self.resolve_mode(mode)
         temp = self.config.decoding.temperature if temperature is None else temperature
@@ -276,19 +277,21 @@ class Captioner:
                     and not (seed is not None and temp > 0))
         if not together:
             return [self.caption(image, regions, mode=mode, steps=steps, threshold=threshold,  # type: ignore[arg-type]
-                                 temperature=temperature, seed=seed, prompt=prompt, budget=budget, **options)
+                                 temperature=temperature, seed=seed, prompt=prompt, budget=budget, cancel=cancel,
+                                 **options)
                     for image, regions in frames]
         steps, threshold, temp = self._decoding_options(mode, steps, threshold, temperature)
         per_pass = self.config.region.max_regions if max_regions is None else max_regions
         if per_pass < 1:
             raise ConfigError(f"max_regions must be >= 1 (got {per_pass})")
         return self._caption_frames_together(frames, steps, threshold, temp, self._prompt_ids(prompt), per_pass,
-                                             budget)
+                                             budget, _stop_check(cancel))
 
     def _caption_frames_together(self, frames: Sequence[tuple[object, Sequence[RegionInput]]], steps: int,
                                  threshold: float | None, temperature: float, prompt_ids: torch.Tensor | None,
-                                 per_pass: int, budget: int | None) -> list[FrameResult]:
+                                 per_pass: int, budget: int | None, check: Callable[[], None]) -> list[FrameResult]:
         t_start = time.perf_counter()
+        check()
         model, dec = self.model, self.config.decoding
         count = len(frames)
         frame_regions = []  # per frame: (RGB image, regions to caption, refusals)
@@ -304,10 +307,11 @@ class Captioner:
             for i, (rgb, prepared, _) in enumerate(frame_regions):
                 if not prepared:
                     continue
+                check()
                 mark = self._clock()
                 enc = model.encode_frame(rgb) if prompt_ids is None else model.encode_frame(rgb, prompt_ids)
                 timings[i]["vision"], mark = self._lap(mark)
-                roi = model.roi_tokens(enc, prepared)
+                roi = self._roi_tokens(enc, prepared, check)
                 timings[i]["roi"], mark = self._lap(mark)
                 encoded[i] = (roi, model.prefix_cache(enc))
                 timings[i]["prefix"], mark = self._lap(mark)
@@ -321,7 +325,8 @@ class Captioner:
                 cache = PrefixCache.stack([encoded[i][1] for i in members])
                 index = torch.tensor([members.index(i) for i, _ in part], device=self.device)
                 result = diffusion_decode(
-                    lambda toks, act: model.region_logits(roi[act], toks, cache, self.attn_impl, index[act]),
+                    _Checked(lambda toks, act: model.region_logits(roi[act], toks, cache, self.attn_impl, index[act]),
+                             check),
                     len(part), dec.caption_len, self.config.mask_token_id, steps=steps, temperature=temperature,
                     threshold=threshold, device=self.device)
                 elapsed, mark = self._lap(mark)

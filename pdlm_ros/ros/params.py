@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import yaml
 from pdlm_ros.errors import ConfigError
 from pdlm_ros.types import MODES, OFFICIAL_SAMPLERS
 
-__all__ = ["ParamSpec", "PARAMS", "PARAMS_BY_NAME", "NodeParams", "check_value", "load_params_file", "flatten"]
+__all__ = ["ParamSpec", "PARAMS", "MAX_CAMERAS", "PARAMS_BY_NAME", "NodeParams", "check_value", "load_params_file", "flatten"]
 
 
 
@@ -29,7 +30,7 @@ __all__ = ["ParamSpec", "PARAMS", "PARAMS_BY_NAME", "NodeParams", "check_value",
 class ParamSpec:
     name: str  # ROS name, dots for nesting ("sync.slop")
     default: Any
-    type: type  # bool, int, float or str
+    type: type  # bool, int, float, str, or tuple (a string array)
     description: str
     range: tuple[float, float] | None = None  # inclusive, for int/float
     choices: tuple[str, ...] | None = None  # for str
@@ -62,6 +63,11 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("decoding.refresh", 0, int, "official checkpoints, mode cached: refresh the K/V cache every N steps; "
               "0: 4", (0, 1024)),
     # inputs
+    ParamSpec("cameras", (), tuple, "camera names: each subscribes to NAME/image (or NAME/image/compressed) and "
+              "NAME/detections (or NAME/instance_mask) and publishes NAME/captions, NAME/annotated_image and "
+              "NAME/annotations; frames of different cameras waiting together are captioned in one denoising pass "
+              "(each region sees only its own frame); empty: one camera on the node's own image, detections and "
+              "captions topics"),
     ParamSpec("regions.source", "detections", str, "where regions come from: a vision_msgs/Detection2DArray "
               "topic (detections), yolo_ros' yolo_msgs/DetectionArray on the same topic (yolo; rclpy transport "
               "with yolo_msgs installed) or an instance-mask image (instance_mask)",
@@ -114,6 +120,8 @@ def check_value(spec: ParamSpec, value: Any) -> Any:
 
 
 def _check(spec: ParamSpec, value: Any) -> Any:
+    if spec.type is tuple:
+        return _check_names(spec, value)
     if spec.type is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"parameter {spec.name!r} must be true or false (got {value!r})")
@@ -138,6 +146,27 @@ def _check(spec: ParamSpec, value: Any) -> Any:
     return value
 
 
+MAX_CAMERAS = 16
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*")  # relative ROS names: tokens joined by '/'
+
+
+def _check_names(spec: ParamSpec, value: Any) -> tuple[str, ...]:
+    """A string array of distinct relative ROS names (a YAML list, or a tuple in code)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"parameter {spec.name!r} must be a list of strings, e.g. [front, rear] (got {value!r})")
+    names = tuple(value)
+    for v in names:
+        if not _NAME.fullmatch(v) or "__" in v:
+            raise ConfigError(f"parameter {spec.name!r}: {v!r} is not a relative ROS name (letters, digits, "
+                              "underscores, '/' between tokens; each token starts with a letter)")
+    dup = sorted({v for v in names if names.count(v) > 1})
+    if dup:
+        raise ConfigError(f"parameter {spec.name!r} names {dup[0]!r} twice")
+    if len(names) > MAX_CAMERAS:
+        raise ConfigError(f"parameter {spec.name!r} names {len(names)} cameras; at most {MAX_CAMERAS}")
+    return names
+
+
 def _unknown(name: str) -> ConfigError:
     close = difflib.get_close_matches(name, list(_BY_NAME), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -160,6 +189,7 @@ class NodeParams:
     decoding_temperature: float = 0.0
     decoding_sampler: str = ""
     decoding_refresh: int = 0
+    cameras: tuple[str, ...] = ()
     regions_source: str = "detections"
     regions_box_width: int = 0
     regions_box_height: int = 0
@@ -204,7 +234,8 @@ class NodeParams:
         return params
 
     def to_values(self) -> dict[str, Any]:
-        return {p.name: getattr(self, p.attr) for p in PARAMS}
+        """`{ros_name: value}`, string arrays as lists (as YAML and rclpy give them)."""
+        return {p.name: list(v) if isinstance(v := getattr(self, p.attr), tuple) else v for p in PARAMS}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -31,7 +31,7 @@ from cyclonedds.util import duration
 from pdlm_ros.errors import ConfigError
 from pdlm_ros.ros.diagnostics import Throttle
 from pdlm_ros.ros.idl import from_idl, idl_type, to_idl
-from pdlm_ros.ros.node_core import OUTPUT_TOPICS, NodeCore, input_topics
+from pdlm_ros.ros.node_core import NodeCore, input_topics, output_topics
 from pdlm_ros.ros.params import NodeParams, load_params_file
 from pdlm_ros.ros.ros_args import RosArgs, dds_topic, parse_ros_args, resolve_topic
 from pdlm_ros.ros.transport import Transport
@@ -177,7 +177,7 @@ class DdsTransport(Transport):
             log.warning("autostart is false, but plain DDS has no lifecycle services to start the node later: "
                         "starting now")
         endpoints = DdsEndpoints(args)
-        for spec in OUTPUT_TOPICS:
+        for spec in output_topics(params):
             endpoints.writer(spec.name, spec.msgtype, reliable=True, depth=params.output_depth, latched=spec.latched)
         core = NodeCore(params, _Outputs(endpoints), name=args.node_name)
         try:
@@ -186,11 +186,11 @@ class DdsTransport(Transport):
                 return 0
             core.activate()
             for spec in input_topics(params):
-                endpoints.subscribe(spec.name, spec.msgtype, getattr(core, spec.handler),
+                endpoints.subscribe(spec.name, spec.msgtype, core.input_callback(spec),
                                     reliable=params.input_qos == "reliable", depth=params.input_depth,
                                     on_error=lambda kind, err: core.health.error(kind))
             ins = ", ".join(endpoints.topic_name(s.name) for s in input_topics(params))
-            outs = ", ".join(endpoints.topic_name(s.name) for s in OUTPUT_TOPICS)
+            outs = ", ".join(endpoints.topic_name(s.name) for s in output_topics(params))
             log.info("[%s] on DDS domain %d: %s -> %s", args.node_name, endpoints.domain_id, ins, outs)
             while not stop.wait(0.2):
                 pass

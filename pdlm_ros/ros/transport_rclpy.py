@@ -41,7 +41,7 @@ from pdlm_ros.errors import PDLMError
 from pdlm_ros.ros import messages as M
 from pdlm_ros.ros.convert import header_msg
 from pdlm_ros.ros.diagnostics import HealthReport, diagnostic_array_msg
-from pdlm_ros.ros.node_core import OUTPUT_TOPICS, NodeCore, input_topics, load_captioner
+from pdlm_ros.ros.node_core import OUTPUT_TOPICS, NodeCore, TopicSpec, input_topics, load_captioner, output_topics
 from pdlm_ros.ros.params import PARAMS, PARAMS_BY_NAME, NodeParams, check_value
 from pdlm_ros.ros.transport import Transport
 from pdlm_ros.types import RegionInput
@@ -57,6 +57,11 @@ def qos_profile(reliable: bool, depth: int, latched: bool = False) -> QoSProfile
     return QoSProfile(reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
                       history=HistoryPolicy.KEEP_LAST, depth=1 if latched else depth,
                       durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+
+
+def _is_array(name: str) -> bool:
+    spec = PARAMS_BY_NAME.get(name)
+    return spec is not None and spec.type is tuple
 
 
 def _ros_type(msgtype: str) -> Any:
@@ -152,7 +157,9 @@ class PdlmLifecycleNode(LifecycleNode):
         # Jazzy): check each before declaring anything, so a bad value is reported by name instead of raising inside
         # declare_parameter. A bad one keeps configure failing until `ros2 param set` gives it a valid value (an
         # unknown name until the file is fixed): falling back to the default silently would hide the mistake.
-        overrides = {name: p.value for name, p in self._parameter_overrides.items() if name not in _ROS_OWNED}
+        # A YAML `[]` reaches rclpy as a parameter without a value (NOT_SET): for a string array that is the default.
+        overrides = {name: p.value for name, p in self._parameter_overrides.items()
+                     if name not in _ROS_OWNED and not (p.value is None and _is_array(name))}
         self.bad_params: dict[str, str] = {}
         for name, value in overrides.items():
             spec = PARAMS_BY_NAME.get(name)
@@ -165,7 +172,8 @@ class PdlmLifecycleNode(LifecycleNode):
                 self.bad_params[name] = str(err)
         for spec in PARAMS:
             valid = spec.name in overrides and spec.name not in self.bad_params
-            self.declare_parameter(spec.name, spec.default, _descriptor(spec), ignore_override=not valid)
+            default = list(spec.default) if spec.type is tuple else spec.default
+            self.declare_parameter(spec.name, default, _descriptor(spec), ignore_override=not valid)
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self.core: NodeCore | None = None
@@ -173,7 +181,8 @@ class PdlmLifecycleNode(LifecycleNode):
         self._inputs_group = MutuallyExclusiveCallbackGroup()
         self._services_group = MutuallyExclusiveCallbackGroup()
         self._subs: dict[tuple[str, str, bool, int], Any] = {}  # (topic, type, reliable, depth) -> subscription
-        self._live_inputs: set[tuple[str, str, bool, int]] = set()
+        # the active configuration's inputs: key -> its TopicSpec (handler, camera index)
+        self._live_inputs: dict[tuple[str, str, bool, int], TopicSpec] = {}
         diag = next(s for s in OUTPUT_TOPICS if s.name == "/diagnostics")
         # not a lifecycle publisher: diagnostics must also report an inactive or failed node
         self.outputs.publishers[diag.name] = self.create_publisher(_ros_type(diag.msgtype), diag.name,
@@ -232,7 +241,7 @@ class PdlmLifecycleNode(LifecycleNode):
             params = self._params()
             self.core = NodeCore(params, self.outputs, name=self.get_name(), loader=self._loader,
                                  stamp_clock=self._stamp_ns)
-            for spec in OUTPUT_TOPICS:  # before configure: it publishes model_info
+            for spec in output_topics(params):  # before configure: it publishes model_info
                 if spec.name not in self.outputs.publishers:
                     self.outputs.publishers[spec.name] = self.create_lifecycle_publisher(
                         _ros_type(spec.msgtype), spec.name, qos_profile(True, params.output_depth, spec.latched))
@@ -253,12 +262,12 @@ class PdlmLifecycleNode(LifecycleNode):
         try:
             self.core.activate()
             self.core.publish_model_info()  # latched; now that the publisher is active it goes out
-            live = set()
+            live = {}
             for spec in input_topics(p):
                 key = (spec.name, spec.msgtype, p.input_qos == "reliable", p.input_depth)
                 if key not in self._subs:
-                    self._subs[key] = self._subscribe(key, spec.handler)
-                live.add(key)
+                    self._subs[key] = self._subscribe(key)
+                live[key] = spec
         except Exception as err:  # noqa: BLE001 - see on_configure
             kind = "" if isinstance(err, PDLMError) else f"{type(err).__name__}: "
             self.get_logger().error(f"activate failed: {kind}{err}")
@@ -271,7 +280,7 @@ class PdlmLifecycleNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._live_inputs = set()
+        self._live_inputs = {}
         if self.core is not None and self.core.state == "active":
             self.core.deactivate()
         return super().on_deactivate(state)
@@ -284,14 +293,14 @@ class PdlmLifecycleNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._live_inputs = set()
+        self._live_inputs = {}
         if self.core is not None:
             self.core.shutdown()
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.get_logger().error(f"error in state {state.label}; the node is back to unconfigured")
-        self._live_inputs = set()
+        self._live_inputs = {}
         if self.core is not None:
             self.core.shutdown()
             self.core = None
@@ -303,7 +312,9 @@ class PdlmLifecycleNode(LifecycleNode):
             self.destroy_lifecycle_publisher(self.outputs.publishers.pop(name))
 
     # -- inputs ---------------------------------------------------------------------------------------------------
-    def _subscribe(self, key: tuple[str, str, bool, int], handler: str) -> Any:
+    def _subscribe(self, key: tuple[str, str, bool, int]) -> Any:
+        """A subscription kept for the node's life; it calls the current core's handler for `key` (with the camera
+        index of the active configuration) while `key` is one of that configuration's inputs."""
         name, msgtype, reliable, depth = key
         qos = qos_profile(reliable, depth)
         if msgtype == M.YOLO_DETECTION_ARRAY:  # not in the typestore: rclpy decodes it, convert makes vision_msgs
@@ -316,20 +327,20 @@ class PdlmLifecycleNode(LifecycleNode):
                                 "its yolo_msgs, and source it)") from err
 
             def callback(msg: Any) -> None:
-                core = self.core
-                if core is not None and key in self._live_inputs:
-                    getattr(core, handler)(detections_from_yolo(msg))
+                core, spec = self.core, self._live_inputs.get(key)
+                if core is not None and spec is not None:
+                    core.input_callback(spec)(detections_from_yolo(msg))
 
             return self.create_subscription(yolo_type, name, callback, qos, callback_group=self._inputs_group)
-        return self.create_subscription(_ros_type(msgtype), name, self._raw_callback(key, handler), qos,
+        return self.create_subscription(_ros_type(msgtype), name, self._raw_callback(key), qos,
                                         callback_group=self._inputs_group, raw=True)
 
-    def _raw_callback(self, key: tuple[str, str, bool, int], handler: str) -> Any:
+    def _raw_callback(self, key: tuple[str, str, bool, int]) -> Any:
         store, msgtype = M.typestore(), key[1]
 
         def callback(data: bytes) -> None:
-            core = self.core
-            if core is None or key not in self._live_inputs:  # inactive, or a topic of an earlier configuration
+            core, spec = self.core, self._live_inputs.get(key)
+            if core is None or spec is None:  # inactive, or a topic of an earlier configuration
                 return
             try:
                 msg = store.deserialize_cdr(data, msgtype)
@@ -337,7 +348,7 @@ class PdlmLifecycleNode(LifecycleNode):
                 core.health.error("deserialize")
                 core.throttle.warning("deserialize", "cannot decode a %s: %s", msgtype, err)
                 return
-            getattr(core, handler)(msg)
+            core.input_callback(spec)(msg)
 
         return callback
 

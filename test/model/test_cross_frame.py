@@ -177,3 +177,25 @@ def test_bad_arguments_are_named(tiny_captioner, frames):
         tiny_captioner.caption_frames(frames, threshold=0.5)
     with pytest.raises(ConfigError, match="sampler and refresh apply to official-layout checkpoints only"):
         tiny_captioner.caption_frames(frames, sampler="span")
+
+
+def test_a_stop_ends_the_shared_passes_between_two_forwards(tiny_captioner, frames, monkeypatch):
+    """`cancel` set during the first shared forward: the call raises Cancelled before the next forward; an Event
+    that is never set changes nothing."""
+    import threading
+
+    from pdlm_ros.errors import Cancelled
+
+    assert_same(tiny_captioner.caption_frames(frames, cancel=threading.Event()), tiny_captioner.caption_frames(frames))
+    stop, calls = threading.Event(), []
+    original = tiny_captioner.model.region_logits
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        stop.set()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_captioner.model, "region_logits", forward)
+    with pytest.raises(Cancelled):
+        tiny_captioner.caption_frames(frames, cancel=stop)
+    assert len(calls) == 1

@@ -45,29 +45,33 @@ def main() -> int:
     ap.add_argument("--wait-subscribers", type=float, default=20.0, help="seconds to wait for the node to match")
     ap.add_argument("--extra-boxes", type=int, default=0, help="this many more small boxes in every detection array")
     ap.add_argument("--reliable", action="store_true", help="reliable writers (large detection arrays)")
+    ap.add_argument("--camera", default="", help="publish on CAMERA/image and CAMERA/detections, frame CAMERA_optical")
+    ap.add_argument("--seed", type=int, default=7, help="background of the scenes")
     a = ap.parse_args()
     ep = DdsEndpoints()
-    ep.writer("image", M.IMAGE, reliable=a.reliable, depth=5)
-    ep.writer("detections", M.DETECTION_ARRAY, reliable=a.reliable, depth=5)
+    image_topic, dets_topic = (f"{a.camera}/image", f"{a.camera}/detections") if a.camera else ("image", "detections")
+    frame_id = f"{a.camera}_optical" if a.camera else "camera_optical_frame"
+    ep.writer(image_topic, M.IMAGE, reliable=a.reliable, depth=5)
+    ep.writer(dets_topic, M.DETECTION_ARRAY, reliable=a.reliable, depth=5)
     extra = [RegionInput(box=(x, y, x + 12.0, y + 12.0), region_id=f"x{k}") for k, (x, y) in
              enumerate(np.random.default_rng(0).uniform(0, min(W, H) - 12, size=(a.extra_boxes, 2)))]
     deadline = time.monotonic() + a.wait_subscribers
-    while min(ep.subscriber_count("image"), ep.subscriber_count("detections")) < 1 and time.monotonic() < deadline:
+    while min(ep.subscriber_count(image_topic), ep.subscriber_count(dets_topic)) < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     period = 1.0 / a.hz
     t0 = time.monotonic()
     for k in range(a.frames):
         stamp = a.start_ns + int(k * period * 1e9)
-        scene = render_scene(specs(k * period), W, H, background_seed=7)
-        hdr = header_msg(stamp, "camera_optical_frame")
+        scene = render_scene(specs(k * period), W, H, background_seed=a.seed)
+        hdr = header_msg(stamp, frame_id)
         visible = [o for o in scene.objects if o.visible_fraction > 0.3]
         image = image_to_msg(scene.image, hdr)
         if k == a.bad_frame:
             image.encoding = "yuv422"
         dets = detection_array_msg(hdr, [RegionInput(box=o.box, region_id=o.track_id, class_id=o.shape, score=0.9)
                                          for o in visible] + extra)
-        ep.publish("image", image)
-        ep.publish("detections", dets)
+        ep.publish(image_topic, image)
+        ep.publish(dets_topic, dets)
         print(json.dumps({"stamp": stamp, "ids": [o.track_id for o in visible], "bad": k == a.bad_frame}), flush=True)
         time.sleep(max(0.0, t0 + (k + 1) * period - time.monotonic()))
     time.sleep(0.5)  # let reliable peers drain before the participant goes away

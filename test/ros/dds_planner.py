@@ -1,7 +1,7 @@
 """A planner-style subscriber over ROS-less DDS (a separate process of the end-to-end test).
 
-Subscribes `captions` (pdlm_ros/RegionCaptionArray) and `/diagnostics`, and prints one JSON line per message to
-stdout until it gets SIGTERM/SIGINT.
+Subscribes `captions` (pdlm_ros/RegionCaptionArray; with camera names as arguments, `NAME/captions` of each) and
+`/diagnostics`, and prints one JSON line per message to stdout until it gets SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def emit(doc: dict) -> None:
         print(json.dumps(doc), flush=True)
 
 
-def on_captions(msg) -> None:
-    emit({"topic": "captions", "stamp": stamp_ns(msg.header), "frame_id": msg.header.frame_id, "nfe": msg.nfe,
+def on_captions(msg, topic: str = "captions") -> None:
+    emit({"topic": topic, "stamp": stamp_ns(msg.header), "frame_id": msg.header.frame_id, "nfe": msg.nfe,
           "regions": [{"id": r.id, "index": r.index, "caption": r.caption, "cached": r.cached,
                                            "error": r.error} for r in msg.regions]})
 
@@ -40,7 +40,8 @@ def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     ep = DdsEndpoints()
-    ep.subscribe("captions", M.CAPTION_ARRAY, on_captions, reliable=True, depth=50)
+    for topic in [f"{cam}/captions" for cam in sys.argv[1:]] or ["captions"]:
+        ep.subscribe(topic, M.CAPTION_ARRAY, lambda msg, t=topic: on_captions(msg, t), reliable=True, depth=50)
     ep.subscribe("/diagnostics", M.DIAGNOSTIC_ARRAY, on_diagnostics, reliable=True, depth=50)
     emit({"topic": "ready"})
     stop.wait()

@@ -39,7 +39,10 @@ _NAMES = itertools.count()
 
 class Harness:
     def __init__(self, cli_args: list[str], *, loader: Any = None, namespace: str = "/t",
-                 listen: tuple[str, ...] = ("captions", "annotations", "/diagnostics", "/rosout")) -> None:
+                 listen: tuple[str, ...] = ("captions", "annotations", "/diagnostics", "/rosout"),
+                 cameras: tuple[str, ...] = ()) -> None:
+        """`cameras`: the peer publishes CAMERA/image and CAMERA/detections of each and `listen` may name
+        CAMERA/captions (the node needs `-p cameras:=[...]` to match)."""
         self.ctx = rclpy.Context()
         rclpy.init(context=self.ctx)
         kwargs = {"loader": loader} if loader is not None else {}
@@ -55,9 +58,13 @@ class Harness:
             if topic == "/rosout":  # rosout is transient local with depth 1000 on the publishing side
                 qos = QoSProfile(reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST,
                                  depth=1000, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-            self.peer.create_subscription(_ros_type(types[topic]), topic, self._keep(topic), qos)
-        self.image_pub = self.peer.create_publisher(_ros_type(M.IMAGE), "image", RELIABLE)
-        self.det_pub = self.peer.create_publisher(_ros_type(M.DETECTION_ARRAY), "detections", RELIABLE)
+            self.peer.create_subscription(_ros_type(types[topic.rsplit("/", 1)[-1] if topic[0] != "/" else topic]),
+                                          topic, self._keep(topic), qos)
+        self.pubs = {cam: (self.peer.create_publisher(_ros_type(M.IMAGE), f"{cam}/image" if cam else "image",
+                                                      RELIABLE),
+                           self.peer.create_publisher(_ros_type(M.DETECTION_ARRAY),
+                                                      f"{cam}/detections" if cam else "detections", RELIABLE))
+                     for cam in cameras or ("",)}
         self.executor = MultiThreadedExecutor(num_threads=3, context=self.ctx)
         self.executor.add_node(self.node)
         self.executor.add_node(self.peer)
@@ -85,9 +92,10 @@ class Harness:
         with self._lock:
             self.received[topic].clear()
 
-    def publish_frame(self, image: Any, detections: Any) -> None:
-        self.image_pub.publish(_to_ros(image))
-        self.det_pub.publish(_to_ros(detections))
+    def publish_frame(self, image: Any, detections: Any, camera: str = "") -> None:
+        image_pub, det_pub = self.pubs[camera]
+        image_pub.publish(_to_ros(image))
+        det_pub.publish(_to_ros(detections))
 
     def rosout(self, text: str) -> list[Any]:
         return [m for m in self.got("/rosout") if text in m.msg]

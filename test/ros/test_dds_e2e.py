@@ -156,3 +156,55 @@ def test_sigterm_stops_the_node_in_the_middle_of_a_long_inference(tmp_path):
     log = node_err.read_text()
     assert code == 0, log[-3000:]
     assert "abandoned: the node is stopping" in log and "still inside one model call" not in log
+
+
+def test_two_cameras_in_one_node_over_dds(tmp_path):
+    """`cameras: [front, rear]`: two camera processes publish at once; each camera's captions come back on its own
+    topic with its own header, and the diagnostics count each camera's inputs."""
+    env = _env()
+    node_err, planner_out = tmp_path / "node.err", tmp_path / "planner.jsonl"
+    procs = []
+    try:
+        node = subprocess.Popen([*NODE, "--transport", "dds", "--ros-args", "-p", "preset:=tiny",
+                                 "-p", "decoding.steps:=2", "-p", "diagnostics.period:=0.5",
+                                 "-p", "cameras:=[front, rear]", "-r", "__node:=pdlm_cams"],
+                                stdout=subprocess.DEVNULL, stderr=open(node_err, "w"), env=env)
+        procs.append(node)
+        planner = subprocess.Popen([sys.executable, str(HERE / "dds_planner.py"), "front", "rear"],
+                                   stdout=open(planner_out, "w"), stderr=open(tmp_path / "planner.err", "w"), env=env)
+        procs.append(planner)
+        _wait_for(lambda: "on DDS domain" in node_err.read_text(), 120, "the node to start", node, node_err)
+        _wait_for(lambda: planner_out.exists() and "ready" in planner_out.read_text(), 30, "the planner", planner)
+        cams = {cam: subprocess.Popen([sys.executable, str(HERE / "dds_camera.py"), "--camera", cam, "--frames", "20",
+                                       "--hz", "10", "--start-ns", str(start), "--seed", str(seed)],
+                                      stdout=open(tmp_path / f"{cam}.jsonl", "w"),
+                                      stderr=open(tmp_path / f"{cam}.err", "w"), env=env)
+                for cam, start, seed in (("front", 1_000_000_000_000, 7), ("rear", 2_000_000_000_000, 8))}
+        for cam, p in cams.items():
+            assert p.wait(timeout=90) == 0, (tmp_path / f"{cam}.err").read_text()
+        sent = {cam: {f["stamp"]: f for f in _lines(tmp_path / f"{cam}.jsonl")} for cam in cams}
+
+        def settled():
+            diags = [d for d in _lines(planner_out) if d["topic"] == "diagnostics"]
+            v = diags[-1]["values"] if diags else None
+            done = v is not None and all(int(v[f"{cam}.images_in"]) == len(sent[cam]) for cam in cams) and \
+                int(v["frames_out"]) + int(v["dropped"]) == int(v["pairs"])
+            return v if done else None
+
+        values = _wait_for(settled, 60, "the node to process both cameras' frames", node, node_err)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=30) for p in procs]
+    assert codes[0] == 0, node_err.read_text()[-3000:]
+    got = _lines(planner_out)
+    assert values["cameras"] == "front,rear" and int(values["pairs"]) == 40
+    for cam in cams:
+        captions = [d for d in got if d["topic"] == f"{cam}/captions"]
+        assert captions, f"no captions on {cam}/captions"
+        for c in captions:
+            frame = sent[cam][c["stamp"]]  # a stamp this camera published, on this camera's topic
+            assert c["frame_id"] == f"{cam}_optical" and [r["id"] for r in c["regions"]] == frame["ids"]
+            assert all(r["caption"] and not r["error"] for r in c["regions"])
+        assert captions[-1]["stamp"] == max(sent[cam])  # each camera's newest frame is processed

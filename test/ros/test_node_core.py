@@ -72,7 +72,7 @@ def test_overload_keeps_newest_and_counts_drops(make_node):
     assert len(caps) < n
     stamps = [c.header.stamp.nanosec for c in caps]
     assert stamps == sorted(stamps) and stamps[-1] == (n - 1) * MS  # the newest frame is always processed last
-    assert node.sync.pending() == (0, 0)
+    assert node.cameras[0].sync.pending() == (0, 0)
 
 
 def test_overload_bounds_waiting_and_queues(make_node):
@@ -86,7 +86,7 @@ def test_overload_bounds_waiting_and_queues(make_node):
         node.on_image(image)
         published_at_arrival[k * MS] = len(out.on("captions"))  # read before the pair completes: conservative
         node.on_detections(dets)
-        pending.append(node.sync.pending())
+        pending.append(node.cameras[0].sync.pending())
         time.sleep(0.003)
     assert node.wait_idle(timeout=120)
     caps = out.on("captions")
@@ -211,7 +211,7 @@ def test_publisher_restart_with_a_new_clock(make_node, caplog):
     _good_after(node, out, 5_000_000 * MS)
     with caplog.at_level(logging.WARNING, logger="pdlm_ros.node"):
         _good_after(node, out, 100 * MS)  # stamps jumped back: the sync resets instead of waiting forever
-    assert node.sync.counters().resets >= 1
+    assert node.cameras[0].sync.counters().resets >= 1
     assert "starting a new timeline" in caplog.text
     values = {kv.key: kv.value for kv in node.publish_diagnostics().status[0].values}
     assert int(values["errors.publisher_restart"]) >= 1 and values["sync.resets"] == values["errors.publisher_restart"]

@@ -141,5 +141,6 @@ def test_docs_parameter_table_lists_every_parameter_with_its_default():
     table = {name.strip().strip("`"): default.strip().strip("`") for name, _, default in rows}
     for p in PARAMS:
         shown = f'"{p.default}"' if isinstance(p.default, str) else str(p.default).lower() \
-            if isinstance(p.default, bool) else repr(p.default)
+            if isinstance(p.default, bool) else repr(list(p.default)) if isinstance(p.default, tuple) \
+            else repr(p.default)
         assert table.get(p.name) == shown, f"docs/ros.md: parameter {p.name} missing or with another default"

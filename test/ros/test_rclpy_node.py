@@ -352,3 +352,60 @@ def test_yolo_source_without_yolo_msgs_fails_activate_with_the_reason(harness):
     assert h.node.trigger_activate() == R.FAILURE
     wait_for(lambda: h.rosout("activate failed: regions.source 'yolo' needs the yolo_msgs package"), 10, "the reason")
     assert h.node.core.state == "inactive" and h.node.core.captioner is None
+
+
+def test_two_cameras_each_on_their_own_topics(harness, tmp_path):
+    """`cameras: [front, rear]` from a params file: frames of both cameras come back on front/captions and
+    rear/captions with their own headers. Then the list changes to [rear] (cleanup, param set, configure): rear
+    keeps working through the subscription made for the first configuration, front is no longer heard."""
+    from rclpy.lifecycle import TransitionCallbackReturn as R
+    from rclpy.parameter import Parameter
+
+    wait_for = _wait()
+    params = tmp_path / "cams.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    cameras: [front, rear]\n")
+    h = harness(["--params-file", str(params)], cameras=("front", "rear"),
+                listen=("front/captions", "rear/captions", "/diagnostics"))
+    assert h.node.trigger_configure() == R.SUCCESS and h.node.trigger_activate() == R.SUCCESS
+
+    def send(cam: str, stamp: int, boxes) -> None:
+        img, dets = frame(stamp, boxes, seed=stamp % 7)
+        img.header.frame_id = f"{cam}_optical"
+        h.publish_frame(img, dets, camera=cam)
+
+    front_boxes, rear_boxes = [("a", (5, 5, 40, 40))], [("b", (50, 20, 90, 70)), ("c", (5, 40, 30, 70))]
+    for k in range(5):
+        send("front", 1_000_000_000 + k * 50_000_000, front_boxes)
+        send("rear", 9_000_000_000 + k * 50_000_000, rear_boxes)
+        time.sleep(0.05)
+    front = wait_for(lambda: h.got("front/captions"), 60, "front captions")
+    rear = wait_for(lambda: h.got("rear/captions"), 60, "rear captions")
+    assert all(c.header.frame_id == "front_optical" and [r.id for r in c.regions] == ["a"] for c in front)
+    assert all(c.header.frame_id == "rear_optical" and [r.id for r in c.regions] == ["b", "c"] for c in rear)
+    assert all(c.header.stamp.sec == 1 for c in front) and all(c.header.stamp.sec == 9 for c in rear)
+
+    assert h.node.trigger_deactivate() == R.SUCCESS and h.node.trigger_cleanup() == R.SUCCESS
+    h.node.set_parameters([Parameter("cameras", value=["rear"])])
+    assert h.node.trigger_configure() == R.SUCCESS and h.node.trigger_activate() == R.SUCCESS
+    h.clear("front/captions")
+    h.clear("rear/captions")
+    for k in range(5):
+        send("front", 3_000_000_000 + k * 50_000_000, front_boxes)
+        send("rear", 11_000_000_000 + k * 50_000_000, rear_boxes)
+        time.sleep(0.05)
+    rear = wait_for(lambda: h.got("rear/captions"), 60, "rear captions after the change")
+    assert all(c.header.stamp.sec == 11 for c in rear)
+    time.sleep(0.5)
+    assert h.got("front/captions") == []
+    assert h.node.core.health.snapshot()[1]["internal"] == 0
+
+
+def test_an_empty_camera_list_in_a_params_file_is_one_camera(harness, tmp_path):
+    """rcl reads a YAML `[]` as a parameter without a value; the node takes it as the default (no cameras)."""
+    from rclpy.lifecycle import TransitionCallbackReturn as R
+
+    params = tmp_path / "none.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    cameras: []\n")
+    h = harness(["--params-file", str(params)], listen=("captions",))
+    assert not h.node.bad_params
+    assert h.node.trigger_configure() == R.SUCCESS and h.node.core.params.cameras == ()

@@ -157,6 +157,61 @@ def test_launch_with_remaps_and_params_file_proof_of_life(ros2_env, tmp_path):
     assert "process has finished cleanly" in out, out[-3000:]
 
 
+def test_launch_with_two_cameras_and_the_packaged_params_file(ros2_env, tmp_path):
+    """`cameras:=front,rear` on top of the installed config/pdlm.yaml (whose `cameras: []` rcl reads as no value):
+    each camera's frames come back on its own captions topic under the namespace."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    from . import rclpy_harness as RH
+    from pdlm_ros.ros import messages as M
+    from pdlm_ros.ros.transport_rclpy import _ros_type, _to_ros
+
+    log = open(tmp_path / "launch.log", "w")
+    launch = subprocess.Popen(["ros2", "launch", "pdlm_ros", "pdlm.launch.py", "namespace:=duo", "preset:=tiny",
+                               "cameras:=front, rear"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    peer = rclpy.create_node("launch_cameras_peer", context=ctx)
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(peer)
+    got: dict[str, list] = {"front": [], "rear": []}
+    pubs = {}
+    for cam in got:
+        peer.create_subscription(_ros_type(M.CAPTION_ARRAY), f"/duo/{cam}/captions", got[cam].append, RH.RELIABLE)
+        pubs[cam] = (peer.create_publisher(_ros_type(M.IMAGE), f"/duo/{cam}/image", RH.RELIABLE),
+                     peer.create_publisher(_ros_type(M.DETECTION_ARRAY), f"/duo/{cam}/detections", RH.RELIABLE))
+    k = 0
+    try:
+        def both_captioned():
+            nonlocal k
+            for cam, (image_pub, det_pub) in pubs.items():
+                img, dets = frame(5_000_000_000 + k * 100_000_000, [(f"{cam}-1", (5, 5, 40, 40))])
+                img.header.frame_id = cam
+                image_pub.publish(_to_ros(img))
+                det_pub.publish(_to_ros(dets))
+            k += 1
+            executor.spin_once(timeout_sec=0.2)
+            return all(got.values())
+
+        RH.wait_for(both_captioned, 90, "captions on /duo/front/captions and /duo/rear/captions")
+        for cam, msgs in got.items():
+            assert all(m.header.frame_id == cam and [r.id for r in m.regions] == [f"{cam}-1"] for m in msgs)
+    finally:
+        os.killpg(launch.pid, signal.SIGINT)
+        try:
+            code = launch.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGKILL)
+            code = launch.wait()
+        executor.shutdown()
+        peer.destroy_node()
+        rclpy.shutdown(context=ctx)
+        log.close()
+    out = (tmp_path / "launch.log").read_text()
+    assert code == 0 and "Traceback" not in out, out[-3000:]
+
+
 def test_ros2_bag_play_of_a_replayed_bag(ros2_env, tmp_path, tiny_captioner):
     """A bag written by `pdlm-ros replay` (rosbags, no ROS) plays with `ros2 bag play`: captions and foxglove
     annotations reach a live subscriber, and `ros2 topic echo`, with the stamps they were recorded with."""
