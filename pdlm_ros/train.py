@@ -61,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     noise_draws: int = 2  # noise draws per region per scene (reuses the frame's prefix pass)
+    antithetic: bool = False  # pair the draws: the second masks what the first left visible (`noise_masks`)
     box_fraction: float = 0.5  # share of regions given as boxes (the rest as instance masks)
     augment: float = 0.0  # share of scenes given camera-like changes (`photometric_jitter`) before encoding
     objective: str = "diffusion"  # diffusion, or ar: the autoregressive twin (same modules, causal, next token)
@@ -124,7 +125,7 @@ _STATE_TYPES = {"step": (int,), "seconds": (int, float), "curve": (list,), "eval
 _OPT_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})  # AdamW's per-parameter state
 # fields whose change makes a resumed run differ from an uninterrupted one (data order, schedule, loss)
 _EXACT_FIELDS = ("preset", "steps", "scenes_per_step", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip",
-                 "noise_draws", "box_fraction", "augment", "objective", "seed", "layout", "init", "rule")
+                 "noise_draws", "antithetic", "box_fraction", "augment", "objective", "seed", "layout", "init", "rule")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -171,17 +172,39 @@ def caption_targets(captions: list[str], tokenizer, span_len: int, eos_id: int) 
     return torch.tensor(rows, dtype=torch.long)
 
 
+def noise_masks(shape: tuple[int, int], draws: int, antithetic: bool,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masking probabilities (K*N, 1) and masks (K*N, L) for K draws of N spans of L tokens.
+
+    Antithetic: draws come in pairs, the second masking exactly the tokens the first left visible, at
+    p' = 1 - p. Each draw alone is still the LLaDA forward process (t ~ U(0, 1), tokens masked iid given t), so the
+    loss stays an unbiased ELBO estimate, but every token is scored in every pair: on a 5-word caption an
+    independent pair leaves a given word unscored a quarter of the time, which slows the rarer-learnt words
+    (shape, size) most. An odd last draw is independent.
+    """
+    n, length = shape
+    pairs = draws // 2 if antithetic else 0
+    t = torch.rand((draws - pairs) * n, 1, generator=generator)
+    p = (1 - EPS) * t + EPS
+    m = torch.rand((draws - pairs) * n, length, generator=generator) < p
+    if pairs:
+        first_p, first_m = p[:pairs * n], m[:pairs * n]
+        p = torch.cat([first_p, 1 - first_p, p[pairs * n:]])
+        m = torch.cat([first_m, ~first_m, m[pairs * n:]])
+        # keep the 1/p weight finite where 1 - p is ~0 (then nothing is masked in that draw anyway)
+        p = p.clamp_min(EPS)
+    return p, m
+
+
 def masked_diffusion_loss(model: PerceptionDLM, rgb: np.ndarray, regions: list[PreparedRegion], targets: torch.Tensor,
-                          noise_draws: int, generator: torch.Generator) -> torch.Tensor:
+                          noise_draws: int, generator: torch.Generator, antithetic: bool = False) -> torch.Tensor:
     """LLaDA SFT loss for all regions of one frame. targets (N, L)."""
     frame = model.encode_frame(rgb)
     cache = model.prefix_cache(frame)
     roi = model.roi_tokens(frame, regions)  # (N, R, C)
     x0 = targets.repeat(noise_draws, 1)  # (K*N, L)
     roi = roi.repeat(noise_draws, 1, 1)
-    t = torch.rand(x0.shape[0], 1, generator=generator)
-    p_mask = (1 - EPS) * t + EPS  # (K*N, 1)
-    masked = torch.rand(x0.shape, generator=generator) < p_mask
+    p_mask, masked = noise_masks(targets.shape, noise_draws, antithetic, generator)
     noisy = torch.where(masked, torch.full_like(x0, model.cfg.mask_token_id), x0)
     logits = model.region_logits(roi, noisy, cache)  # (K*N, L, V)
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (K*N, L)
@@ -429,7 +452,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             elif model_cfg.objective == "ar":
                 loss = next_token_loss(model, image, regions, targets, eos)
             else:
-                loss = masked_diffusion_loss(model, image, regions, targets, cfg.noise_draws, gen)
+                loss = masked_diffusion_loss(model, image, regions, targets, cfg.noise_draws, gen, cfg.antithetic)
             (loss / cfg.scenes_per_step).backward()
             total += loss.item() / cfg.scenes_per_step
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

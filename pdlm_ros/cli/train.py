@@ -17,14 +17,14 @@ from pdlm_ros.train import TrainConfig, train
 
 EXAMPLES = """examples:
   # the bundled model's recipe (see README)
-  pdlm-ros train --out runs/v2-diffusion --objective diffusion --steps 4000 --lr 0.0015 --scenes-per-step 8 --augment 0.5 \\
-      --eval-every 1000 --eval-scenes 16 --max-minutes 78 --threads 1
+  pdlm-ros train --out runs/v3-diffusion --objective diffusion --antithetic --steps 4000 --lr 0.0015 \\
+      --scenes-per-step 8 --augment 0.5 --eval-every 1000 --eval-scenes 16 --max-minutes 70 --threads 1
   # its autoregressive twin (pdlm-ros compare-ar measures one against the other)
-  pdlm-ros train --out runs/v2-ar --objective ar --steps 5200 --lr 0.0015 --scenes-per-step 8 --augment 0.5 \\
-      --eval-every 1300 --eval-scenes 16 --max-minutes 78 --threads 1
+  pdlm-ros train --out runs/v3-ar --objective ar --steps 4000 --lr 0.0015 --scenes-per-step 8 --augment 0.5 \\
+      --eval-every 1000 --eval-scenes 16 --max-minutes 70 --threads 1
   # continue after an interruption or the time cap: the same command plus --resume (reads OUT/checkpoint)
-  pdlm-ros train --out runs/v2-diffusion --steps 4000 --lr 0.0015 --scenes-per-step 8 --augment 0.5 \\
-      --eval-every 1000 --eval-scenes 16 --max-minutes 78 --threads 1 --resume
+  pdlm-ros train --out runs/v3-diffusion --objective diffusion --antithetic --steps 4000 --lr 0.0015 \\
+      --scenes-per-step 8 --augment 0.5 --eval-every 1000 --eval-scenes 16 --max-minutes 70 --threads 1 --resume
 """
 
 
@@ -35,8 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if f.name == "out":
             continue
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
-                       help=f"(default {getattr(defaults, f.name)})")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):  # a switch: `type=bool` would read "--x False" as True
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"(default {default})")
+            continue
+        p.add_argument(flag, type=type(default), default=default, help=f"(default {default})")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint (an error if there is none or it is damaged)")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -114,6 +114,10 @@ class RegionEncoder(nn.Module):
         extra = torch.stack(extras).to(feats)
         return torch.cat([feats.permute(0, 2, 3, 1), extra], dim=-1)
 
+    def _side_code(self, side: float) -> float:
+        base = self.cfg.size_log_base_px
+        return math.log2(max(side, 1.0) / base) if base else math.log(max(side, 1.0)) / 5.0
+
     def geometry_features(self, regions: Sequence[PreparedRegion], width: int, height: int) -> torch.Tensor:
         rows = []
         for reg in regions:
@@ -123,7 +127,7 @@ class RegionEncoder(nn.Module):
             if reg.mask is not None:  # share of the box covered by the mask (crop first: frames can be large)
                 fill = float(reg.mask[int(y1):int(y2), int(x1):int(x2)].sum()) / (bw * bh)
             rows.append([x1 / width, y1 / height, x2 / width, y2 / height,
-                         math.log(max(bw, 1.0)) / 5.0, math.log(max(bh, 1.0)) / 5.0, fill])
+                         self._side_code(bw), self._side_code(bh), fill])
         return torch.tensor(rows, dtype=torch.float32)
 
     def project(self, samples: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:

@@ -106,3 +106,19 @@ def test_stats_account_for_the_decoding(tiny_captioner, frame_and_regions):
     assert half.stats.nfe == L // 2 and half.stats.tpf == 2.0 * len(regs)
     for key in ("vision", "roi", "prefix", "decode", "total"):
         assert key in par.stats.latency_ms
+
+
+def test_box_sides_are_coded_by_the_configured_rule():
+    """size_log_base_px 0 keeps the first checkpoints' ln(side) / 5; B > 0 codes log2(side / B), which spreads the
+    training sizes (16 to 42 px) over 1.4 instead of 0.19."""
+    import math
+
+    from pdlm_ros.model.config import RegionConfig
+    from pdlm_ros.model.regions import PreparedRegion, RegionEncoder
+
+    region = [PreparedRegion(0, (10.0, 20.0, 26.0, 62.0), None)]  # 16 x 42 px
+    legacy = RegionEncoder(RegionConfig(), 8, 16).geometry_features(region, 100, 100)[0]
+    assert legacy[4].item() == pytest.approx(math.log(16) / 5) and legacy[5].item() == pytest.approx(math.log(42) / 5)
+    coded = RegionEncoder(RegionConfig(size_log_base_px=32.0), 8, 16).geometry_features(region, 100, 100)[0]
+    assert coded[4].item() == pytest.approx(-1.0) and coded[5].item() == pytest.approx(math.log2(42 / 32))
+    assert torch.equal(coded[:4], legacy[:4]) and coded[6].item() == legacy[6].item() == 1.0

@@ -63,22 +63,38 @@ def _camera(args: list[str], env, tmp: Path, name: str) -> list[dict]:
     return _lines(out)
 
 
-def test_camera_node_planner_over_dds(tmp_path):
-    env = _env()
-    node_err = tmp_path / "node.err"
-    planner_out = tmp_path / "planner.jsonl"
-    procs = []
+def _interrupt(procs: list[subprocess.Popen]) -> list[int]:
+    """SIGINT to every process still running (as Ctrl-C would); their exit codes."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    return [p.wait(timeout=30) for p in procs]
+
+
+def _node_and_planner(tmp: Path, env, node_args: list[str], cameras: tuple[str, ...] = ()):
+    """Start the node (DDS transport, tiny preset) and a planner listening to it, and wait until both are up;
+    (processes, node's stderr file, planner's stdout file)."""
+    node_err, planner_out = tmp / "node.err", tmp / "planner.jsonl"
+    node = subprocess.Popen([*NODE, "--transport", "dds", "--ros-args", "-p", "preset:=tiny", "-p", "decoding.steps:=2",
+                             "-p", "diagnostics.period:=0.5", *node_args],
+                            stdout=subprocess.DEVNULL, stderr=open(node_err, "w"), env=env)
+    planner = subprocess.Popen([sys.executable, str(HERE / "dds_planner.py"), *cameras], stdout=open(planner_out, "w"),
+                               stderr=open(tmp / "planner.err", "w"), env=env)
+    procs = [node, planner]
     try:
-        node = subprocess.Popen([*NODE, "--transport", "dds", "--ros-args", "-p", "preset:=tiny",
-                                 "-p", "decoding.steps:=2", "-p", "diagnostics.period:=0.5", "-r", "__node:=pdlm_e2e"],
-                                stdout=subprocess.DEVNULL, stderr=open(node_err, "w"), env=env)
-        procs.append(node)
-        planner = subprocess.Popen([sys.executable, str(HERE / "dds_planner.py")], stdout=open(planner_out, "w"),
-                                   stderr=open(tmp_path / "planner.err", "w"), env=env)
-        procs.append(planner)
         _wait_for(lambda: "on DDS domain" in node_err.read_text(), 120, "the node to start", node, node_err)
         _wait_for(lambda: planner_out.exists() and "ready" in planner_out.read_text(), 30, "the planner", planner)
+    except BaseException:
+        _interrupt(procs)
+        raise
+    return procs, node_err, planner_out
 
+
+def test_camera_node_planner_over_dds(tmp_path):
+    env = _env()
+    procs, node_err, planner_out = _node_and_planner(tmp_path, env, ["-r", "__node:=pdlm_e2e"])
+    node = procs[0]
+    try:
         first = _camera(["--frames", "30", "--hz", "20", "--bad-frame", "29"], env, tmp_path, "camera1")
         # the camera process is gone; a new one comes up with its own participant and a reset clock (stamps jump
         # back, as after a restart in simulation time)
@@ -97,10 +113,7 @@ def test_camera_node_planner_over_dds(tmp_path):
 
         values = _wait_for(settled, 60, "the node to process every frame", node, node_err)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        codes = [p.wait(timeout=30) for p in procs]
+        codes = _interrupt(procs)
     assert codes[0] == 0, node_err.read_text()[-3000:]
 
     captions = [d for d in _lines(planner_out) if d["topic"] == "captions"]
@@ -162,19 +175,10 @@ def test_two_cameras_in_one_node_over_dds(tmp_path):
     """`cameras: [front, rear]`: two camera processes publish at once; each camera's captions come back on its own
     topic with its own header, and the diagnostics count each camera's inputs."""
     env = _env()
-    node_err, planner_out = tmp_path / "node.err", tmp_path / "planner.jsonl"
-    procs = []
+    procs, node_err, planner_out = _node_and_planner(
+        tmp_path, env, ["-p", "cameras:=[front, rear]", "-r", "__node:=pdlm_cams"], cameras=("front", "rear"))
+    node = procs[0]
     try:
-        node = subprocess.Popen([*NODE, "--transport", "dds", "--ros-args", "-p", "preset:=tiny",
-                                 "-p", "decoding.steps:=2", "-p", "diagnostics.period:=0.5",
-                                 "-p", "cameras:=[front, rear]", "-r", "__node:=pdlm_cams"],
-                                stdout=subprocess.DEVNULL, stderr=open(node_err, "w"), env=env)
-        procs.append(node)
-        planner = subprocess.Popen([sys.executable, str(HERE / "dds_planner.py"), "front", "rear"],
-                                   stdout=open(planner_out, "w"), stderr=open(tmp_path / "planner.err", "w"), env=env)
-        procs.append(planner)
-        _wait_for(lambda: "on DDS domain" in node_err.read_text(), 120, "the node to start", node, node_err)
-        _wait_for(lambda: planner_out.exists() and "ready" in planner_out.read_text(), 30, "the planner", planner)
         cams = {cam: subprocess.Popen([sys.executable, str(HERE / "dds_camera.py"), "--camera", cam, "--frames", "20",
                                        "--hz", "10", "--start-ns", str(start), "--seed", str(seed)],
                                       stdout=open(tmp_path / f"{cam}.jsonl", "w"),
@@ -193,10 +197,7 @@ def test_two_cameras_in_one_node_over_dds(tmp_path):
 
         values = _wait_for(settled, 60, "the node to process both cameras' frames", node, node_err)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        codes = [p.wait(timeout=30) for p in procs]
+        codes = _interrupt(procs)
     assert codes[0] == 0, node_err.read_text()[-3000:]
     got = _lines(planner_out)
     assert values["cameras"] == "front,rear" and int(values["pairs"]) == 40

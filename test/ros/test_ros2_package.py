@@ -79,6 +79,23 @@ def _ros2(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(["ros2", *args], capture_output=True, text=True, timeout=timeout)
 
 
+def _interrupt_launch(launch: subprocess.Popen, executor, peer, ctx) -> int:  # noqa: ANN001
+    """Ctrl-C to `ros2 launch` and everything it started (its own session; killed after 30 s), then the test's peer
+    node and its context go. The launch's exit code."""
+    import rclpy
+
+    os.killpg(launch.pid, signal.SIGINT)
+    try:
+        code = launch.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        code = launch.wait()
+    executor.shutdown()
+    peer.destroy_node()
+    rclpy.shutdown(context=ctx)
+    return code
+
+
 def test_launch_with_remaps_and_params_file_proof_of_life(ros2_env, tmp_path):
     import rclpy
 
@@ -141,15 +158,7 @@ def test_launch_with_remaps_and_params_file_proof_of_life(ros2_env, tmp_path):
         texts = [m.msg for m in rosout if m.name == "robot.pdlm_node"]
         assert any("model pdlm-tiny" in t for t in texts), texts  # a Python-logging line of the core, on /rosout
     finally:
-        os.killpg(launch.pid, signal.SIGINT)
-        try:
-            code = launch.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(launch.pid, signal.SIGKILL)
-            code = launch.wait()
-        executor.shutdown()
-        peer.destroy_node()
-        rclpy.shutdown(context=ctx)
+        code = _interrupt_launch(launch, executor, peer, ctx)
         log.close()
     out = (tmp_path / "launch.log").read_text()
     assert code == 0, out[-3000:]
@@ -198,15 +207,7 @@ def test_launch_with_two_cameras_and_the_packaged_params_file(ros2_env, tmp_path
         for cam, msgs in got.items():
             assert all(m.header.frame_id == cam and [r.id for r in m.regions] == [f"{cam}-1"] for m in msgs)
     finally:
-        os.killpg(launch.pid, signal.SIGINT)
-        try:
-            code = launch.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(launch.pid, signal.SIGKILL)
-            code = launch.wait()
-        executor.shutdown()
-        peer.destroy_node()
-        rclpy.shutdown(context=ctx)
+        code = _interrupt_launch(launch, executor, peer, ctx)
         log.close()
     out = (tmp_path / "launch.log").read_text()
     assert code == 0 and "Traceback" not in out, out[-3000:]

@@ -284,3 +284,34 @@ def test_help_shows_the_bundled_recipe(capsys):
 
     recipe = json.loads((DEFAULT_CHECKPOINT / "training.json").read_text())["command"]
     assert recipe in text  # the command the bundled weights were trained with, as recorded beside them
+
+
+def test_antithetic_draws_score_every_token_in_every_pair():
+    from pdlm_ros.train import EPS, noise_masks
+
+    g = torch.Generator().manual_seed(0)
+    p, m = noise_masks((6, 8), 5, True, g)  # 2 pairs and one independent draw of 6 spans
+    assert p.shape == (30, 1) and m.shape == (30, 8)
+    first, second = m[:12], m[12:24]
+    assert torch.equal(second, ~first)  # each token masked in exactly one draw of its pair
+    assert torch.allclose(p[12:24], (1 - p[:12]).clamp_min(EPS))
+    assert bool((p >= EPS).all()) and bool((p <= 1).all())
+    p_ind, m_ind = noise_masks((6, 8), 2, False, torch.Generator().manual_seed(0))
+    assert not torch.equal(m_ind[6:], ~m_ind[:6])  # independent draws are not complements
+    # each draw alone is the forward process: masked share ~ p over many spans
+    p_big, m_big = noise_masks((4000, 8), 2, True, torch.Generator().manual_seed(1))
+    for half in (slice(0, 4000), slice(4000, 8000)):
+        assert abs(m_big[half].float().mean().item() - p_big[half].mean().item()) < 0.01
+        assert abs(p_big[half].mean().item() - 0.5) < 0.02  # p ~ U(0, 1) for both draws of a pair
+
+
+def test_boolean_train_options_are_switches():
+    import argparse
+
+    from pdlm_ros.cli.train import add_arguments
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    assert ap.parse_args(["--out", "x", "--antithetic"]).antithetic is True
+    assert ap.parse_args(["--out", "x", "--no-antithetic"]).antithetic is False
+    assert ap.parse_args(["--out", "x"]).antithetic is False
