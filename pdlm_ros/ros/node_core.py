@@ -381,8 +381,9 @@ class NodeCore:
             raise ConfigError(f"camera index {camera} out of range: the node has {len(self.cameras)} camera(s)")
         cam = self.cameras[camera]
         self.health.count(key)
-        images, region_msgs = cam.inputs
-        cam.inputs = (images + 1, region_msgs) if is_image else (images, region_msgs + 1)
+        with self._cond:  # an image and a region callback of one camera may run at once (DDS listener threads)
+            images, region_msgs = cam.inputs
+            cam.inputs = (images + 1, region_msgs) if is_image else (images, region_msgs + 1)
         if is_image:
             self.latest_image = msg
             self._check_best_effort_size(msg)
