@@ -239,6 +239,7 @@ class _Frame:
     cached: dict[int, tuple[Any, float]]  # region index -> (cached caption, age in s)
     todo: list[int]  # region indices to caption now
     boxes: list[Any]  # what `remember` needs to store the fresh captions
+    result: FrameResult | None = None  # the captions of `todo`, once captioned (None: none to caption, or failed)
 
 
 class NodeCore:
@@ -543,18 +544,12 @@ class NodeCore:
                   for cam, pair, arrived in items]
         todo = [f for f in frames if f is not None and f.todo]
         try:
-            results = self._caption_all(todo, stop)
+            self._caption_all(todo, stop)
         except Cancelled:
             self.health.count("frames_abandoned", len(todo))
             log.info("[%s] %d frame(s) abandoned: the node is stopping", self.name, len(todo))
             return [None] * len(frames)
-        out = []
-        for f in frames:
-            if f is None or (f.todo and results.get(id(f)) is None):
-                out.append(None)
-                continue
-            out.append(self._publish(f, results.get(id(f)), stop))
-        return out
+        return [None if f is None or (f.todo and f.result is None) else self._publish(f, stop) for f in frames]
 
     def _prepare(self, cam: Camera, pair: Pair[Any, Any], t0: float) -> _Frame | None:
         """Decode, regions, budget and cache of one pair; None if the frame is rejected (logged and counted)."""
@@ -594,8 +589,8 @@ class NodeCore:
             cached, todo, boxes = {}, list(range(len(regions))), []
         return _Frame(cam, pair, t0, rgb, regions, cached, todo, boxes)
 
-    def _caption_all(self, frames: list[_Frame], stop: threading.Event | None) -> dict[int, FrameResult | None]:
-        """id(frame) -> its FrameResult, or None where captioning it failed (logged and counted). Several frames go
+    def _caption_all(self, frames: list[_Frame], stop: threading.Event | None) -> None:
+        """Set each frame's `result` (None where captioning it failed: logged and counted). Several frames go
         through `caption_frames` in one call; if that call fails, each frame is tried alone, so the failure is
         reported against the frame that causes it and the others are still captioned. Cancelled propagates."""
         if len(frames) > 1 and callable(getattr(self.captioner, "caption_frames", None)):
@@ -608,8 +603,11 @@ class NodeCore:
                           err)
             else:
                 self.health.count("frames_batched", len(frames))
-                return {id(f): self._checked_result(f, r) for f, r in zip(frames, batch)}
-        return {id(f): self._caption_one(f, stop) for f in frames}
+                for f, r in zip(frames, batch):
+                    f.result = self._checked_result(f, r)
+                return
+        for f in frames:
+            f.result = self._caption_one(f, stop)
 
     def _caption_one(self, f: _Frame, stop: threading.Event | None) -> FrameResult | None:
         try:
@@ -636,9 +634,9 @@ class NodeCore:
                                       f.cam.label, i, cap.region_id, f.pair.stamp, cap.error)
         return result
 
-    def _publish(self, f: _Frame, result: FrameResult | None, stop: threading.Event | None) -> Any | None:
+    def _publish(self, f: _Frame, stop: threading.Event | None) -> Any | None:
         """Merge fresh and cached captions, publish on the frame's camera topics; the RegionCaptionArray."""
-        stats, fresh = FrameStats(), {}
+        stats, fresh, result = FrameStats(), {}, f.result
         if result is not None:
             stats = result.stats
             fresh = {i: dataclasses.replace(cap, index=i) for i, cap in zip(f.todo, result.regions)}
