@@ -17,14 +17,14 @@ from pdlm_ros.train import TrainConfig, train
 
 EXAMPLES = """examples:
   # the bundled model's recipe (see README)
-  pdlm-ros train --out runs/v3-diffusion --objective diffusion --antithetic --steps 4000 --lr 0.0015 \\
-      --scenes-per-step 8 --augment 0.5 --eval-every 1000 --eval-scenes 16 --max-minutes 70 --threads 1
+  pdlm-ros train --out runs/v4-diffusion --objective diffusion --antithetic --steps 6500 --lr 0.0015 \\
+      --scenes-per-step 8 --augment 0.5 --eval-every 1000 --eval-scenes 16 --max-minutes 62 --threads 2
   # its autoregressive twin (pdlm-ros compare-ar measures one against the other)
-  pdlm-ros train --out runs/v3-ar --objective ar --steps 4000 --lr 0.0015 --scenes-per-step 8 --augment 0.5 \\
-      --eval-every 1000 --eval-scenes 16 --max-minutes 70 --threads 1
+  pdlm-ros train --out runs/v4-ar --objective ar --steps 6500 --lr 0.0015 --scenes-per-step 8 --augment 0.5 \\
+      --eval-every 1000 --eval-scenes 16 --max-minutes 62 --threads 2
   # continue after an interruption or the time cap: the same command plus --resume (reads OUT/checkpoint)
-  pdlm-ros train --out runs/v3-diffusion --objective diffusion --antithetic --steps 4000 --lr 0.0015 \\
-      --scenes-per-step 8 --augment 0.5 --eval-every 1000 --eval-scenes 16 --max-minutes 70 --threads 1 --resume
+  pdlm-ros train --out runs/v4-diffusion --objective diffusion --antithetic --steps 6500 --lr 0.0015 \\
+      --scenes-per-step 8 --augment 0.5 --eval-every 1000 --eval-scenes 16 --max-minutes 62 --threads 2 --resume
 """
 
 
