@@ -20,8 +20,8 @@ EXAMPLES = """examples:
   pdlm-ros train --out runs/v4-diffusion --objective diffusion --antithetic --steps 6500 --lr 0.0015 \\
       --scenes-per-step 8 --augment 0.5 --eval-every 1000 --eval-scenes 16 --max-minutes 62 --threads 2
   # its autoregressive twin (pdlm-ros compare-ar measures one against the other)
-  pdlm-ros train --out runs/v4-ar --objective ar --steps 6500 --lr 0.0015 --scenes-per-step 8 --augment 0.5 \\
-      --eval-every 1000 --eval-scenes 16 --max-minutes 62 --threads 2
+  pdlm-ros train --out runs/v5-ar --objective ar --steps 8400 --lr 0.0015 --scenes-per-step 8 --augment 0.5 \\
+      --eval-every 1000 --eval-scenes 16 --max-minutes 54 --threads 2
   # continue after an interruption or the time cap: the same command plus --resume (reads OUT/checkpoint)
   pdlm-ros train --out runs/v4-diffusion --objective diffusion --antithetic --steps 6500 --lr 0.0015 \\
       --scenes-per-step 8 --augment 0.5 --eval-every 1000 --eval-scenes 16 --max-minutes 62 --threads 2 --resume
