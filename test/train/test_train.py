@@ -8,6 +8,7 @@ import json
 import math
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,6 +285,8 @@ def test_help_shows_the_bundled_recipe(capsys):
 
     recipe = json.loads((DEFAULT_CHECKPOINT / "training.json").read_text())["command"]
     assert recipe in text  # the command the bundled weights were trained with, as recorded beside them
+    twin = Path(__file__).resolve().parents[2] / "docs" / "training_ar_twin.json"  # the README's twin, same rule
+    assert json.loads(twin.read_text())["command"] in text
 
 
 def test_antithetic_draws_score_every_token_in_every_pair():
